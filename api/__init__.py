@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI). Never imports docker: it talks to the store, manifest and queue."""

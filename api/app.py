@@ -1,0 +1,138 @@
+"""The FastAPI application: error shape, request ids, health, and the `/v1` routes."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.deps import Services
+from api.routes import router
+from runner import __version__
+from runner.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RunnerError,
+    ServiceUnavailableError,
+)
+from runner.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+_STATUS: list[tuple[type[RunnerError], int]] = [
+    (AuthenticationError, 401),
+    (PermissionDeniedError, 403),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (InvalidRequestError, 422),
+    (ServiceUnavailableError, 503),
+]
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _error(request: Request, status: int, code: str, message: str,
+           field: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message,
+                            "request_id": getattr(request.state, "request_id", "")}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _field_of(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
+    """The API application; `services` may be given by tests, else built from settings."""
+    app = FastAPI(
+        title="Container runner API", version=__version__,
+        description="Submit runs of allowlisted processors, each in its own locked-down "
+                    "container, and follow them. Authenticate with `Authorization: Bearer`.",
+    )
+    app.state.services = services or Services.build(settings)
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def request_context(request: Request,
+                              call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        given = request.headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+        request.state.request_id = request_id
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            length = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            length = 0
+        if length > settings.max_body_bytes:
+            response: Response = _error(request, 413, "body_too_large",
+                                        f"request body over {settings.max_body_bytes} bytes")
+        else:
+            response = await call_next(request)
+        response.headers["X-Request-ID"] = request_id
+        structlog.contextvars.unbind_contextvars("request_id")
+        return response
+
+    @app.exception_handler(RunnerError)
+    async def runner_error(request: Request, exc: RunnerError) -> JSONResponse:
+        status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
+        if status == 500:
+            log.error("request_failed", error=exc.message, code=exc.code)
+            return _error(request, 500, "internal_error", "internal error")
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return _error(request, status, exc.code, exc.message,
+                      field=exc.context.get("field"), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        field = _field_of(first.get("loc", ()))
+        message = f"{field}: {first.get('msg', 'invalid')}"
+        if first.get("type") == "extra_forbidden":
+            message = f"{field}: unknown field"
+        return _error(request, 422, "invalid_request", message, field=field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return _error(request, exc.status_code, codes.get(exc.status_code, "http_error"),
+                      str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request_crashed")
+        return _error(request, 500, "internal_error", "internal error")
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        """Database, Redis and manifest usable; 503 naming what is not."""
+        svc: Services = app.state.services
+        checks: dict[str, str] = {}
+        for name, check in (("database", svc.store.ping), ("redis", svc.queue.ping),
+                            ("manifest", svc.manifests.current)):
+            try:
+                check()
+                checks[name] = "ok"
+            except RunnerError as exc:
+                checks[name] = exc.message
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
+                            status_code=200 if ready else 503)
+
+    return app

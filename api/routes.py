@@ -1,0 +1,110 @@
+"""The `/v1` routes. Domain errors propagate to the one handler in `api.app`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import Principal, submitter, viewer
+from api.deps import Services, services
+from api.schemas import ErrorOut, ProcessorList, ProcessorOut, RunCreate, RunList, RunOut
+from runner.domain import RunStatus
+from runner.errors import NotFoundError
+from runner.runs import Submission, submit
+from runner.store import Run
+
+router = APIRouter(prefix="/v1", responses={
+    401: {"model": ErrorOut, "description": "Missing, unknown or revoked API key"},
+    403: {"model": ErrorOut, "description": "The key's role does not allow this"},
+    422: {"model": ErrorOut, "description": "Invalid request"},
+})
+
+FOLLOW_POLL_SECONDS = 0.25
+
+
+def _run_or_404(svc: Services, run_id: str, who: Principal) -> Run:
+    run = svc.store.get_run(run_id, tenant=who.tenant)
+    if run is None:
+        raise NotFoundError(f"no run {run_id}")
+    return run
+
+
+@router.post("/runs", status_code=202, response_model=RunOut,
+             responses={503: {"model": ErrorOut, "description": "Queue unavailable"}})
+def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
+               svc: Annotated[Services, Depends(services)]) -> RunOut:
+    """Submit a run of an allowlisted processor; answers with the queued run."""
+    run = submit(
+        Submission(tenant=who.tenant, processor=body.processor, version=body.version,
+                   input=body.input, timeout_seconds=body.timeout_seconds, labels=body.labels),
+        manifest=svc.manifests.current(), store=svc.store, queue=svc.queue,
+        default_queue=svc.settings.queue, stop_grace_seconds=svc.settings.stop_grace_seconds,
+    )
+    return RunOut.of(run)
+
+
+@router.get("/runs", response_model=RunList)
+def list_runs(who: Annotated[Principal, Depends(viewer)],
+              svc: Annotated[Services, Depends(services)],
+              status: RunStatus | None = None,
+              processor: Annotated[str | None, Query(max_length=64)] = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              cursor: Annotated[str | None, Query(max_length=200)] = None) -> RunList:
+    """The caller's tenant's runs, newest first; pass `next_cursor` back for more."""
+    runs, next_cursor = svc.store.list_runs(
+        tenant=who.tenant, status=status.value if status else None, processor=processor,
+        limit=limit, cursor=cursor)
+    return RunList(items=[RunOut.of(r) for r in runs], next_cursor=next_cursor)
+
+
+@router.get("/runs/{run_id}", response_model=RunOut,
+            responses={404: {"model": ErrorOut, "description": "No such run"}})
+def get_run(run_id: str, who: Annotated[Principal, Depends(viewer)],
+            svc: Annotated[Services, Depends(services)]) -> RunOut:
+    return RunOut.of(_run_or_404(svc, run_id, who))
+
+
+@router.get("/runs/{run_id}/logs", response_class=Response,
+            responses={200: {"content": {"text/plain": {}},
+                             "description": "Captured stdout and stderr"},
+                       404: {"model": ErrorOut, "description": "No such run"}})
+async def get_logs(run_id: str, who: Annotated[Principal, Depends(viewer)],
+                   svc: Annotated[Services, Depends(services)],
+                   offset: Annotated[int, Query(ge=0)] = 0,
+                   follow: bool = False) -> Response:
+    """The run's captured output from byte `offset`; `follow=true` streams until it ends."""
+    run = await run_in_threadpool(_run_or_404, svc, run_id, who)
+    headers = {"X-Log-Truncated": str(run.log_truncated).lower()}
+    if not follow:
+        data = await run_in_threadpool(svc.store.read_logs, run_id, offset=offset)
+        headers["X-Log-Next-Offset"] = str(offset + len(data))
+        return Response(data, media_type="text/plain; charset=utf-8", headers=headers)
+
+    async def stream() -> AsyncIterator[bytes]:
+        position = offset
+        while True:
+            current = await run_in_threadpool(svc.store.get_run, run_id)
+            data = await run_in_threadpool(svc.store.read_logs, run_id, offset=position)
+            if data:
+                position += len(data)
+                yield data
+            if current is None or current.status.terminal:
+                return
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+
+    return StreamingResponse(stream(), media_type="text/plain; charset=utf-8",
+                             headers=headers)
+
+
+@router.get("/processors", response_model=ProcessorList)
+def list_processors(_who: Annotated[Principal, Depends(viewer)],
+                    svc: Annotated[Services, Depends(services)]) -> ProcessorList:
+    """The processors the manifest in force allows."""
+    manifest = svc.manifests.current()
+    return ProcessorList(items=[ProcessorOut(**p.public()) for p in manifest.processors],
+                         manifest_revision=manifest.revision)

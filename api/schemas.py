@@ -1,0 +1,94 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from runner.domain import RunStatus
+from runner.store import Run
+
+MAX_LABELS = 32
+LABEL_KEY = r"^[a-zA-Z0-9][a-zA-Z0-9._/-]{0,62}$"
+
+
+class RunCreate(BaseModel):
+    """A submission. Unknown fields are refused, so nothing else can be set."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"processor": "echo", "version": "1.0.0", "input": {"message": "hi"},
+                      "timeout_seconds": 30, "labels": {"team": "data"}}]})
+
+    processor: str = Field(min_length=1, max_length=64)
+    version: str | None = Field(default=None, min_length=1, max_length=64)
+    input: dict[str, Any] = Field(default_factory=dict)
+    timeout_seconds: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
+
+
+class RunOut(BaseModel):
+    id: str
+    status: RunStatus
+    processor: str
+    version: str
+    image: str
+    input: Any
+    result: Any
+    exit_code: int | None
+    error_code: str | None
+    error_message: str | None
+    attempt: int
+    max_attempts: int
+    labels: dict[str, str]
+    timeout_seconds: float
+    log_bytes: int
+    log_truncated: bool
+    manifest_revision: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, run: Run) -> RunOut:
+        return cls(
+            id=run.id, status=run.status, processor=run.processor, version=run.version,
+            image=run.image, input=run.input, result=run.result, exit_code=run.exit_code,
+            error_code=run.error_code, error_message=run.error_message, attempt=run.attempt,
+            max_attempts=run.max_attempts, labels=run.labels,
+            timeout_seconds=run.timeout_seconds, log_bytes=run.log_bytes,
+            log_truncated=run.log_truncated, manifest_revision=run.manifest_revision,
+            created_at=run.created_at, started_at=run.started_at, finished_at=run.finished_at,
+        )
+
+
+class RunList(BaseModel):
+    items: list[RunOut]
+    next_cursor: str | None
+
+
+class ProcessorOut(BaseModel):
+    name: str
+    version: str
+    image: str
+    description: str
+    limits: dict[str, float]
+    max_attempts: int
+    input_schema: dict[str, Any]
+
+
+class ProcessorList(BaseModel):
+    items: list[ProcessorOut]
+    manifest_revision: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    request_id: str
+    field: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody

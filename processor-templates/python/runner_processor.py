@@ -1,0 +1,42 @@
+"""Helper for Python processors: read the input, write the result, ask for a retry.
+
+The processor contract (see docs/processor-authors.md): input at /run/input.json,
+result at /run/out/result.json, logs on stdout/stderr, exit 0 = success,
+exit 75 = transient failure (retry me), anything else = failure.
+"""
+
+import json
+import os
+import sys
+
+INPUT_PATH = "/run/input.json"
+RESULT_PATH = "/run/out/result.json"
+EXIT_RETRY = 75
+
+
+def read_input():
+    """The run's input as a Python value."""
+    with open(INPUT_PATH, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def write_result(value):
+    """Store a JSON value as the run's result (size-capped by the runner)."""
+    tmp = RESULT_PATH + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(value, handle)
+    os.replace(tmp, RESULT_PATH)
+
+
+def run_id():
+    return os.environ.get("RUNNER_RUN_ID", "")
+
+
+def attempt():
+    return int(os.environ.get("RUNNER_ATTEMPT", "1"))
+
+
+def retry_me(message="transient failure"):
+    """End this attempt as transient: the runner retries it if the policy allows."""
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(EXIT_RETRY)

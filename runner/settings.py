@@ -1,0 +1,95 @@
+"""Runtime settings: `RUNNER_*` environment variables, validated once at start.
+
+Built in the entry points and passed down; nothing reads the environment elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from runner.errors import ConfigError
+from runner.units import parse_duration, parse_size
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Every knob of the runner; see docs/operators.md for each one."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNNER_", extra="ignore", frozen=True)
+
+    database_url: str = "sqlite:///var/runner.db"
+    redis_url: str = "redis://127.0.0.1:6390/0"
+    manifest: Path = Path("manifests/manifest.yaml")
+    queue: str = "runner"
+    registry: str = "127.0.0.1:5000"
+
+    log_format: Literal["json", "console"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=1, le=65535)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    worker_id: str = Field(default_factory=_default_worker_id)
+    container_user: str = "65532:65532"
+    tmp_size: int = 64 * 1024 * 1024
+    stop_grace_seconds: float = Field(default=5.0, ge=0)
+    result_max_bytes: int = 1024 * 1024
+    input_max_bytes: int = 1024 * 1024
+    pull_timeout_seconds: float = Field(default=300.0, gt=0)
+
+    @field_validator("tmp_size", "result_max_bytes", "input_max_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> int:
+        if isinstance(value, int | str):
+            return parse_size(value)
+        raise ValueError("expected a size such as 64Mi")
+
+    @field_validator("stop_grace_seconds", "pull_timeout_seconds", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        if isinstance(value, int | float | str):
+            return parse_duration(value)
+        raise ValueError("expected a duration such as 5s")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        if not value.startswith(("sqlite:", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        if value.startswith("postgresql://"):
+            # psycopg 3 is the driver we ship; make plain postgresql:// URLs use it.
+            value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the settings.
+
+    Raises:
+        ConfigError: one line naming the first invalid variable.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        raise ConfigError(
+            f"invalid setting RUNNER_{field.upper()}: {first['msg']}", variable=field
+        ) from exc

@@ -1,0 +1,377 @@
+"""The database is the truth about runs: every read and write of runs, attempts, logs, keys.
+
+Callers get frozen snapshots (`Run`), never ORM objects, so no session leaks out.
+Writes of an attempt are fenced by its attempt number and status, so a late write
+from a worker that lost its run changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from runner.domain import Role, RunStatus
+from runner.errors import InvalidRequestError, ServiceUnavailableError
+from runner.models import ApiKeyRow, AttemptRow, LogChunkRow, RunRow
+
+SQLAlchemyError = _SQLAlchemyError
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything we store is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def new_run_id() -> str:
+    """A UUID-shaped id whose first 48 bits are the creation time in ms (sortable)."""
+    raw = f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+    return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
+
+
+@dataclass(frozen=True)
+class NewRun:
+    tenant: str
+    processor: str
+    version: str
+    image: str
+    queue: str
+    input: Any
+    timeout_seconds: float
+    max_attempts: int
+    manifest_revision: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str
+    tenant: str
+    status: RunStatus
+    processor: str
+    version: str
+    image: str
+    queue: str
+    input: Any
+    result: Any
+    labels: dict[str, str]
+    timeout_seconds: float
+    exit_code: int | None
+    error_code: str | None
+    error_message: str | None
+    attempt: int
+    max_attempts: int
+    worker_id: str | None
+    manifest_revision: str | None
+    log_bytes: int
+    log_truncated: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: RunRow) -> Run:
+        return cls(
+            id=row.id, tenant=row.tenant, status=RunStatus(row.status),
+            processor=row.processor, version=row.version, image=row.image, queue=row.queue,
+            input=row.input, result=row.result, labels=dict(row.labels or {}),
+            timeout_seconds=row.timeout_seconds, exit_code=row.exit_code,
+            error_code=row.error_code, error_message=row.error_message, attempt=row.attempt,
+            max_attempts=row.max_attempts, worker_id=row.worker_id,
+            manifest_revision=row.manifest_revision, log_bytes=row.log_bytes,
+            log_truncated=row.log_truncated, created_at=_aware(row.created_at) or utcnow(),
+            started_at=_aware(row.started_at), finished_at=_aware(row.finished_at),
+        )
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    tenant: str
+    role: Role
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The terminal record of one attempt."""
+
+    status: RunStatus
+    exit_code: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    result: Any = None
+    log_bytes: int = 0
+    log_truncated: bool = False
+
+
+KEY_PREFIX = "rk_"
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def encode_cursor(run_id: str) -> str:
+    return base64.urlsafe_b64encode(run_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    """Raises: InvalidRequestError for a cursor this API did not hand out."""
+    try:
+        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequestError("invalid cursor", field="cursor") from exc
+    if len(value) != 36:
+        raise InvalidRequestError("invalid cursor", field="cursor")
+    return value
+
+
+class Store:
+    """All database access. One per process; thread-safe."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction; platform errors become ServiceUnavailableError."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as exc:
+            raise ServiceUnavailableError(f"database unavailable: {exc.orig}") from exc
+
+    def ping(self) -> None:
+        with self.session() as session:
+            session.execute(text("SELECT 1"))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # Runs ------------------------------------------------------------------
+
+    def create_run(self, new: NewRun) -> Run:
+        row = RunRow(
+            id=new_run_id(), tenant=new.tenant, status=RunStatus.QUEUED.value,
+            processor=new.processor, version=new.version, image=new.image, queue=new.queue,
+            input=new.input, labels=new.labels, timeout_seconds=new.timeout_seconds,
+            attempt=0, max_attempts=new.max_attempts, manifest_revision=new.manifest_revision,
+            log_bytes=0, log_truncated=False, created_at=utcnow(),
+        )
+        with self.session() as session:
+            session.add(row)
+        return Run.from_row(row)
+
+    def get_run(self, run_id: str, *, tenant: str | None = None) -> Run | None:
+        """The run, or None if it does not exist or belongs to another tenant."""
+        with self.session() as session:
+            row = session.get(RunRow, run_id)
+            if row is None or (tenant is not None and row.tenant != tenant):
+                return None
+            return Run.from_row(row)
+
+    def list_runs(self, *, tenant: str | None, status: str | None = None,
+                  processor: str | None = None, limit: int = 50,
+                  cursor: str | None = None) -> tuple[list[Run], str | None]:
+        """Newest first, keyset-paginated by the time-ordered run id."""
+        query = select(RunRow).order_by(RunRow.id.desc()).limit(limit + 1)
+        if tenant is not None:
+            query = query.where(RunRow.tenant == tenant)
+        if status is not None:
+            query = query.where(RunRow.status == status)
+        if processor is not None:
+            query = query.where(RunRow.processor == processor)
+        if cursor is not None:
+            query = query.where(RunRow.id < decode_cursor(cursor))
+        with self.session() as session:
+            rows = list(session.scalars(query))
+        runs = [Run.from_row(r) for r in rows[:limit]]
+        next_cursor = encode_cursor(runs[-1].id) if len(rows) > limit else None
+        return runs, next_cursor
+
+    def claim(self, run_id: str, *, worker_id: str) -> Run | None:
+        """Move a queued run to running as its next attempt; None if another claim won.
+
+        A single conditional UPDATE, so of any number of concurrent claims exactly one
+        sees a row change.
+        """
+        now = utcnow()
+        with self.session() as session:
+            changed = session.execute(
+                update(RunRow)
+                .where(RunRow.id == run_id, RunRow.status == RunStatus.QUEUED.value)
+                .values(status=RunStatus.RUNNING.value, attempt=RunRow.attempt + 1,
+                        worker_id=worker_id, started_at=now, error_code=None,
+                        error_message=None, exit_code=None)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if changed != 1:
+                return None
+            row = session.get(RunRow, run_id)
+            assert row is not None
+            session.add(AttemptRow(run_id=run_id, number=row.attempt, worker_id=worker_id,
+                                   status=RunStatus.RUNNING.value, started_at=now))
+            return Run.from_row(row)
+
+    def record_container(self, run_id: str, attempt: int, *, container_id: str,
+                         image_id: str) -> None:
+        with self.session() as session:
+            session.execute(
+                update(AttemptRow)
+                .where(AttemptRow.run_id == run_id, AttemptRow.number == attempt)
+                .values(container_id=container_id, image_id=image_id)
+            )
+
+    def append_log(self, run_id: str, attempt: int, *, offset: int, data: bytes) -> None:
+        """Store one chunk of captured output, fenced by the attempt still running."""
+        with self.session() as session:
+            changed = session.execute(
+                update(RunRow)
+                .where(RunRow.id == run_id, RunRow.attempt == attempt,
+                       RunRow.status == RunStatus.RUNNING.value)
+                .values(log_bytes=RunRow.log_bytes + len(data))
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if changed == 1:
+                session.add(LogChunkRow(run_id=run_id, attempt=attempt, offset=offset,
+                                        data=data))
+
+    def mark_log_truncated(self, run_id: str, attempt: int) -> None:
+        with self.session() as session:
+            session.execute(
+                update(RunRow)
+                .where(RunRow.id == run_id, RunRow.attempt == attempt,
+                       RunRow.status == RunStatus.RUNNING.value)
+                .values(log_truncated=True)
+            )
+
+    def read_logs(self, run_id: str, *, offset: int = 0, limit: int | None = None) -> bytes:
+        """Captured output from byte `offset` on (all attempts, in order)."""
+        with self.session() as session:
+            chunks = session.execute(
+                select(LogChunkRow.offset, LogChunkRow.data)
+                .where(LogChunkRow.run_id == run_id)
+                .order_by(LogChunkRow.offset)
+            ).all()
+        out = bytearray()
+        for start, data in chunks:
+            end = start + len(data)
+            if end <= offset:
+                continue
+            out += data[max(0, offset - start):]
+            if limit is not None and len(out) >= limit:
+                return bytes(out[:limit])
+        return bytes(out)
+
+    def log_offset(self, run_id: str) -> int:
+        """Bytes of output captured so far, over every attempt."""
+        with self.session() as session:
+            total = session.scalar(
+                select(func.coalesce(func.sum(func.length(LogChunkRow.data)), 0))
+                .where(LogChunkRow.run_id == run_id))
+        return int(total or 0)
+
+    def finish(self, run_id: str, attempt: int, outcome: Finish) -> bool:
+        """Record the terminal state of an attempt; False if the attempt lost the run."""
+        now = utcnow()
+        values: dict[str, Any] = {
+            "status": outcome.status.value, "exit_code": outcome.exit_code,
+            "error_code": outcome.error_code, "error_message": outcome.error_message,
+            "result": outcome.result, "log_truncated": outcome.log_truncated,
+            "finished_at": now,
+        }
+        with self.session() as session:
+            changed = session.execute(
+                update(RunRow)
+                .where(RunRow.id == run_id, RunRow.attempt == attempt,
+                       RunRow.status == RunStatus.RUNNING.value)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if changed != 1:
+                return False
+            session.execute(
+                update(AttemptRow)
+                .where(AttemptRow.run_id == run_id, AttemptRow.number == attempt)
+                .values(status=outcome.status.value, exit_code=outcome.exit_code,
+                        error_code=outcome.error_code, error_message=outcome.error_message,
+                        log_bytes=outcome.log_bytes, finished_at=now)
+            )
+            return True
+
+    def attempts(self, run_id: str) -> list[dict[str, Any]]:
+        with self.session() as session:
+            rows = session.scalars(select(AttemptRow).where(AttemptRow.run_id == run_id)
+                                   .order_by(AttemptRow.number))
+            return [
+                {"number": r.number, "worker_id": r.worker_id, "status": r.status,
+                 "container_id": r.container_id, "image_id": r.image_id,
+                 "exit_code": r.exit_code, "error_code": r.error_code,
+                 "error_message": r.error_message, "log_bytes": r.log_bytes,
+                 "started_at": _aware(r.started_at), "finished_at": _aware(r.finished_at)}
+                for r in rows
+            ]
+
+    # API keys --------------------------------------------------------------
+
+    def create_key(self, *, tenant: str, role: Role) -> tuple[ApiKey, str]:
+        """A new key; the plaintext is returned once and only its hash is stored."""
+        key_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)  # 256 random bits
+        with self.session() as session:
+            session.add(ApiKeyRow(id=key_id, secret_hash=_hash_secret(secret), tenant=tenant,
+                                  role=role.value, created_at=utcnow()))
+        return ApiKey(id=key_id, tenant=tenant, role=role), f"{KEY_PREFIX}{key_id}_{secret}"
+
+    def authenticate(self, presented: str) -> ApiKey | None:
+        """The key presented as a bearer token, or None if it is unknown or revoked."""
+        if not presented.startswith(KEY_PREFIX) or presented.count("_") < 2:
+            return None
+        key_id, _, secret = presented.removeprefix(KEY_PREFIX).partition("_")
+        with self.session() as session:
+            row = session.get(ApiKeyRow, key_id)
+            expected = row.secret_hash if row is not None else _hash_secret(os.urandom(8).hex())
+            valid = hmac.compare_digest(expected, _hash_secret(secret))
+            if row is None or not valid or row.revoked_at is not None:
+                return None
+            row.last_used_at = utcnow()
+            return ApiKey(id=row.id, tenant=row.tenant, role=Role(row.role))
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with sane pool settings; SQLite gets WAL and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
