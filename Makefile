@@ -1,0 +1,42 @@
+# make demo  - set up what is missing, start the stack, run sample jobs, print what happened
+# make test  - set up what is missing, lint, type-check, run the whole suite against real services
+SHELL := /bin/bash
+VENV := var/venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: bootstrap services images demo down test lint typecheck unit integration bench clean
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+services: bootstrap
+	@bash scripts/services.sh start
+
+images: bootstrap
+	@bash scripts/base-images.sh
+
+demo: bootstrap images
+	@$(BIN)/runner dev up
+	@bash scripts/demo.sh
+
+down:
+	@$(BIN)/runner dev down
+
+lint: bootstrap
+	$(BIN)/ruff check runner api tests migrations bench
+typecheck: bootstrap
+	$(BIN)/mypy
+
+unit: bootstrap
+	$(BIN)/pytest -q tests/unit
+
+integration: services images
+	$(BIN)/pytest -q tests/integration
+
+test: services images lint typecheck
+	$(BIN)/pytest -q tests
+
+clean:
+	-$(BIN)/runner dev down
+	-bash scripts/services.sh stop
