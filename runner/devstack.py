@@ -182,7 +182,8 @@ class DevStack:
             if not self._alive("api"):
                 break
             time.sleep(0.2)
-        tail = (self.logs / "api.log").read_text()[-800:] if (self.logs / "api.log").exists() else ""
+        api_log = self.logs / "api.log"
+        tail = api_log.read_text()[-800:] if api_log.exists() else ""
         raise RunnerError(f"the API did not become ready at {self.api_url}: {tail.strip()}")
 
     # down ------------------------------------------------------------------

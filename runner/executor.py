@@ -36,39 +36,43 @@ def container_name(run_id: str, attempt: int) -> str:
     return f"runner-{run_id}-{attempt}"
 
 
+def _failure(outcome: Outcome) -> tuple[RunStatus, ErrorCode, str] | None:
+    """Why a container's end is not a success, or None when it is one."""
+    result = outcome.result
+    if outcome.timed_out:
+        return (RunStatus.TIMED_OUT, ErrorCode.TIMEOUT,
+                "the processor did not finish before its timeout")
+    if outcome.oom_killed:
+        return (RunStatus.FAILED, ErrorCode.OOM_KILLED,
+                "the processor was killed for exceeding its memory limit")
+    if outcome.exit_code != 0:
+        return (RunStatus.FAILED, ErrorCode.NONZERO_EXIT,
+                f"the processor exited with code {outcome.exit_code}")
+    if result.status is ResultStatus.TOO_LARGE:
+        return (RunStatus.FAILED, ErrorCode.OUTPUT_TOO_LARGE,
+                f"result.json is {result.size} bytes, over the cap")
+    if result.status in (ResultStatus.SYMLINK, ResultStatus.NOT_REGULAR):
+        return (RunStatus.FAILED, ErrorCode.INVALID_OUTPUT,
+                f"result.json is not a regular file ({result.status})")
+    return None
+
+
 def classify(outcome: Outcome) -> Finish:
     """The terminal record for a container's end (pure: no I/O)."""
-    common = {"exit_code": outcome.exit_code, "log_bytes": outcome.log_bytes,
-              "log_truncated": outcome.log_truncated}
-    if outcome.timed_out:
-        return Finish(RunStatus.TIMED_OUT, error_code=ErrorCode.TIMEOUT,
-                      error_message="the processor did not finish before its timeout",
-                      **common)
-    if outcome.oom_killed:
-        return Finish(RunStatus.FAILED, error_code=ErrorCode.OOM_KILLED,
-                      error_message="the processor was killed for exceeding its memory limit",
-                      **common)
-    if outcome.exit_code != 0:
-        return Finish(RunStatus.FAILED, error_code=ErrorCode.NONZERO_EXIT,
-                      error_message=f"the processor exited with code {outcome.exit_code}",
-                      **common)
-    result = outcome.result
-    if result.status is ResultStatus.TOO_LARGE:
-        return Finish(RunStatus.FAILED, error_code=ErrorCode.OUTPUT_TOO_LARGE,
-                      error_message=f"result.json is {result.size} bytes, over the cap",
-                      **common)
-    if result.status in (ResultStatus.SYMLINK, ResultStatus.NOT_REGULAR):
-        return Finish(RunStatus.FAILED, error_code=ErrorCode.INVALID_OUTPUT,
-                      error_message=f"result.json is not a regular file ({result.status})",
-                      **common)
+    failure = _failure(outcome)
     value = None
-    if result.status is ResultStatus.OK:
+    if failure is None and outcome.result.status is ResultStatus.OK:
         try:
-            value = json.loads(result.data or b"")
+            value = json.loads(outcome.result.data or b"")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return Finish(RunStatus.FAILED, error_code=ErrorCode.INVALID_OUTPUT,
-                          error_message=f"result.json is not JSON: {exc}", **common)
-    return Finish(RunStatus.SUCCEEDED, result=value, **common)
+            failure = (RunStatus.FAILED, ErrorCode.INVALID_OUTPUT,
+                       f"result.json is not JSON: {exc}")
+    if failure is None:
+        return Finish(RunStatus.SUCCEEDED, exit_code=outcome.exit_code, result=value,
+                      log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
+    status, code, message = failure
+    return Finish(status, exit_code=outcome.exit_code, error_code=code, error_message=message,
+                  log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
 
 
 class LogWriter:

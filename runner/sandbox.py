@@ -10,6 +10,7 @@ that only has the host's Docker socket.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 import threading
@@ -41,6 +42,8 @@ ATTEMPT_LABEL = "io.container-runner.attempt"
 WORKER_LABEL = "io.container-runner.worker-id"
 
 INPUT_PATH = "/run/input.json"
+# Inside the container: a private tmpfs, not the host's /tmp.
+CONTAINER_TMP = "/tmp"  # noqa: S108
 RESULT_PATH = "/run/out/result.json"
 
 # Go os.FileMode type bits, as the engine reports them in archive stat headers.
@@ -162,10 +165,9 @@ class _LogPump:
     def close(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
-            try:
+            # Closing a stream whose connection already died may fail; that is harmless.
+            with contextlib.suppress(Exception):
                 stream.close()
-            except Exception:  # noqa: BLE001, S110 - closing a dead stream may fail; harmless
-                pass
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -203,9 +205,17 @@ class Sandbox:
 
     @classmethod
     def from_env(cls, config: SandboxConfig, *, timeout: float = 60) -> Sandbox:
-        """A sandbox on the engine named by DOCKER_HOST (or the local socket)."""
-        with _docker_errors("connect"):
-            return cls(docker.from_env(timeout=int(timeout)), config)
+        """A sandbox on the engine named by DOCKER_HOST (or the local socket).
+
+        Raises:
+            DockerUnavailableError: the engine does not answer.
+        """
+        try:
+            client = docker.from_env(timeout=int(timeout))
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailableError(f"Docker engine unreachable: {exc}",
+                                         stage="connect") from exc
+        return cls(client, config)
 
     def ping(self) -> None:
         with _docker_errors("ping"):
@@ -260,7 +270,7 @@ class Sandbox:
             pids_limit=spec.pids_limit,
             network_mode="none",
             read_only=True,
-            tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,size={self.config.tmp_size_bytes}"},
+            tmpfs={CONTAINER_TMP: f"rw,noexec,nosuid,nodev,size={self.config.tmp_size_bytes}"},
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             init=True,
@@ -279,7 +289,7 @@ class Sandbox:
                     created = self.api.create_container(
                         image=image_id, name=spec.name, user=self.config.user,
                         environment=dict(spec.environment), labels=labels,
-                        host_config=self._host_config(spec), working_dir="/tmp",
+                        host_config=self._host_config(spec), working_dir=CONTAINER_TMP,
                         network_disabled=True,
                     )
                 container_id: str = created["Id"]

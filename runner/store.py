@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy import Engine, Executable, create_engine, event, func, select, text, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -146,6 +147,12 @@ def decode_cursor(cursor: str) -> str:
     return value
 
 
+def _changed(session: Session, statement: Executable) -> int:
+    """Rows an UPDATE changed: how a conditional write learns whether it won."""
+    result = cast(CursorResult[Any], session.execute(statement))
+    return result.rowcount
+
+
 class Store:
     """All database access. One per process; thread-safe."""
 
@@ -219,14 +226,14 @@ class Store:
         """
         now = utcnow()
         with self.session() as session:
-            changed = session.execute(
+            changed = _changed(session,
                 update(RunRow)
                 .where(RunRow.id == run_id, RunRow.status == RunStatus.QUEUED.value)
                 .values(status=RunStatus.RUNNING.value, attempt=RunRow.attempt + 1,
                         worker_id=worker_id, started_at=now, error_code=None,
                         error_message=None, exit_code=None)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            )
             if changed != 1:
                 return None
             row = session.get(RunRow, run_id)
@@ -247,13 +254,13 @@ class Store:
     def append_log(self, run_id: str, attempt: int, *, offset: int, data: bytes) -> None:
         """Store one chunk of captured output, fenced by the attempt still running."""
         with self.session() as session:
-            changed = session.execute(
+            changed = _changed(session,
                 update(RunRow)
                 .where(RunRow.id == run_id, RunRow.attempt == attempt,
                        RunRow.status == RunStatus.RUNNING.value)
                 .values(log_bytes=RunRow.log_bytes + len(data))
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            )
             if changed == 1:
                 session.add(LogChunkRow(run_id=run_id, attempt=attempt, offset=offset,
                                         data=data))
@@ -303,13 +310,13 @@ class Store:
             "finished_at": now,
         }
         with self.session() as session:
-            changed = session.execute(
+            changed = _changed(session,
                 update(RunRow)
                 .where(RunRow.id == run_id, RunRow.attempt == attempt,
                        RunRow.status == RunStatus.RUNNING.value)
                 .values(**values)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            )
             if changed != 1:
                 return False
             session.execute(

@@ -1,0 +1,229 @@
+"""Real services for integration tests: Docker, Redis, PostgreSQL and the registry.
+
+`make test` starts them (scripts/services.sh); a missing one fails the session, it is
+never skipped. Each session gets its own PostgreSQL database and RQ queue name, so
+it cannot disturb a dev stack sharing the same servers.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import psycopg
+import pytest
+import redis
+import uvicorn
+import yaml
+
+from api.app import create_app
+from runner.client import RunnerClient
+from runner.domain import Role
+from runner.migrate import upgrade
+from runner.publish import publish
+from runner.sandbox import MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
+from runner.settings import Settings, load_settings
+from runner.store import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_URL = os.environ.get("RUNNER_TEST_PG_URL", "postgresql://runner:runner@127.0.0.1:5439/runner")
+REDIS_URL = os.environ.get("RUNNER_TEST_REDIS_URL", "redis://127.0.0.1:6390/0")
+REGISTRY = os.environ.get("RUNNER_TEST_REGISTRY", "127.0.0.1:5000")
+SESSION = secrets.token_hex(4)
+PROCESSOR_DIRS = [*sorted((ROOT / "processor-templates" / "samples").iterdir()),
+                  *sorted((ROOT / "tests" / "processors").iterdir())]
+# Tighter limits than the samples' own, so the tests are quick and deterministic.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "sleep": {"limits": {"timeout": "60s"}},
+    "logflood": {"limits": {"log_bytes": "1Mi", "timeout": "120s"}},
+    "memhog": {"limits": {"memory": "64Mi"}},
+}
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> docker.DockerClient:
+    client = docker.from_env()
+    client.ping()
+    return client
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    name = f"runner_test_{SESSION}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    yield url
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def published(docker_client: docker.DockerClient) -> dict[str, dict[str, Any]]:
+    """Every sample and test processor, built on the local bases and pushed by digest."""
+    entries = {}
+    for path in PROCESSOR_DIRS:
+        entry = publish(path, registry=REGISTRY, client=docker_client, local_base=True)
+        for key, value in OVERRIDES.get(entry["name"], {}).items():
+            entry[key] = {**entry.get(key, {}), **value}
+        entries[entry["name"]] = entry
+    return entries
+
+
+def write_manifest(path: Path, entries: dict[str, dict[str, Any]]) -> Path:
+    path.write_text(yaml.safe_dump({"version": 1, "processors": list(entries.values())},
+                                   sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def manifest_path(tmp_path_factory: pytest.TempPathFactory,
+                  published: dict[str, dict[str, Any]]) -> Path:
+    return write_manifest(tmp_path_factory.mktemp("manifest") / "manifest.yaml", published)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, manifest_path: Path) -> Settings:
+    return load_settings(database_url=database_url, redis_url=REDIS_URL,
+                         manifest=manifest_path, queue=f"test-{SESSION}", registry=REGISTRY,
+                         stop_grace_seconds=1, worker_id=f"test-worker-{SESSION}",
+                         log_format="json")
+
+
+@pytest.fixture(scope="session")
+def store(settings: Settings) -> Iterator[Store]:
+    store = Store(settings.database_url)
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> redis.Redis:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    return client
+
+
+def child_env(settings: Settings, **extra: str) -> dict[str, str]:
+    return {**os.environ, "RUNNER_DATABASE_URL": settings.database_url,
+            "RUNNER_REDIS_URL": settings.redis_url, "RUNNER_MANIFEST": str(settings.manifest),
+            "RUNNER_QUEUE": settings.queue, "RUNNER_REGISTRY": settings.registry,
+            "RUNNER_STOP_GRACE_SECONDS": str(settings.stop_grace_seconds),
+            "RUNNER_WORKER_ID": settings.worker_id, "RUNNER_LOG_FORMAT": "json", **extra}
+
+
+class WorkerProcess:
+    """A real `runner worker` process, its log file and its pid."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.log_path = log_path
+        self._out = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runner", "worker"], cwd=ROOT, env=child_env(settings),
+            stdout=self._out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while b"worker_started" not in log_path.read_bytes():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def memory_kib(self, field: str = "VmHWM") -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"{field} not in /proc status")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self._out.close()
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(settings, tmp_path_factory.mktemp("worker") / "worker.log")
+    yield process
+    process.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def api_url(settings: Settings) -> Iterator[str]:
+    """The real app under uvicorn on a loopback port, in a thread of this process."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("API server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def keys(store: Store) -> dict[str, str]:
+    """Plaintext keys: one per role in tenant "acme", and an admin of tenant "other"."""
+    made = {role.value: store.create_key(tenant="acme", role=role)[1] for role in Role}
+    made["other"] = store.create_key(tenant="other", role=Role.ADMIN)[1]
+    return made
+
+
+@pytest.fixture(scope="session")
+def client(api_url: str, keys: dict[str, str]) -> Iterator[RunnerClient]:
+    with RunnerClient(api_url, keys["submitter"]) as made:
+        yield made
+
+
+@pytest.fixture
+def run_and_wait(client: RunnerClient, worker: WorkerProcess
+                 ) -> Callable[..., dict[str, Any]]:
+    """Submit through the API, let the real worker run it, return the final run."""
+    def go(processor: str, input: dict[str, Any] | None = None, **options: Any
+           ) -> dict[str, Any]:
+        run = client.submit(processor, input or {}, **options)
+        return client.wait(run["id"], timeout=180)
+    return go
+
+
+def containers_of(client: docker.DockerClient, run_id: str) -> list[Any]:
+    return list(client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"}))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_leftover_containers() -> Iterator[None]:
+    """Whatever a failed test left behind is removed at session end (by our label)."""
+    yield
+    for container in session_containers(docker.from_env()):
+        container.remove(force=True, v=True)
+
+
+def session_containers(client: docker.DockerClient) -> list[Any]:
+    """Runner containers made by this test session (its workers carry SESSION in the id)."""
+    return [c for c in client.containers.list(all=True, filters={"label": MANAGED_LABEL})
+            if SESSION in c.labels.get(WORKER_LABEL, "")]

@@ -1,0 +1,104 @@
+"""Launch-time checks in one process: allowlist re-check and pull by digest."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+import structlog
+
+from runner.domain import ErrorCode, RunStatus
+from runner.errors import DockerUnavailableError
+from runner.executor import Executor
+from runner.manifest import ManifestSource
+from runner.publish import publish
+from runner.queue import RunQueue
+from runner.runs import Submission, submit
+from runner.sandbox import RUN_LABEL, ContainerSpec, Sandbox
+from runner.settings import Settings
+from runner.store import Store
+from runner.worker import sandbox_config
+from tests.integration.conftest import REGISTRY, SESSION, write_manifest
+
+
+def test_repinned_manifest_makes_the_worker_refuse(
+        tmp_path: Path, settings: Settings, store: Store,
+        published: dict[str, dict[str, Any]], docker_client: docker.DockerClient) -> None:
+    path = write_manifest(tmp_path / "manifest.yaml", dict(published))
+    manifests = ManifestSource(path)
+    parked = RunQueue.from_url(settings.redis_url)  # a queue no worker serves
+    run = submit(Submission(tenant="acme", processor="echo", version=None, input={}),
+                 manifest=manifests.current(), store=store, queue=parked,
+                 default_queue=f"parked-{SESSION}", stop_grace_seconds=1)
+    since = int(time.time()) - 1
+
+    # An operator re-pins echo to another digest after the submission.
+    repinned = dict(published)
+    repinned["echo"] = {**published["echo"], "image": published["exit"]["image"]}
+    write_manifest(path, repinned)
+
+    executor = Executor(store=store, manifests=manifests,
+                        sandbox=Sandbox.from_env(sandbox_config(settings)),
+                        worker_id=f"inproc-{SESSION}")
+    assert executor.execute(run.id) is RunStatus.DEAD_LETTER
+    final = store.get_run(run.id)
+    assert final is not None
+    assert (final.status, final.error_code) == (RunStatus.DEAD_LETTER,
+                                                ErrorCode.IMAGE_NOT_ALLOWED)
+    assert "no longer allowlisted" in (final.error_message or "")
+    # Nothing was started: no container event at all carries this run's label.
+    events = list(docker_client.events(since=since, until=int(time.time()) + 1, decode=True,
+                                       filters={"label": f"{RUN_LABEL}={run.id}"}))
+    assert events == []
+    assert store.attempts(run.id)[0]["container_id"] is None
+    # A second execution of the same run cannot claim it again.
+    assert executor.execute(run.id) is None
+
+
+def test_first_run_of_a_missing_image_pulls_it_by_digest(
+        tmp_path: Path, settings: Settings, docker_client: docker.DockerClient) -> None:
+    source = tmp_path / "pullprobe"
+    source.mkdir()
+    (source / "processor.yaml").write_text(
+        f'name: pullprobe-{SESSION}\nversion: "1"\ntemplate: shell\n')
+    (source / "main.sh").write_text(f'echo "pulled {SESSION}"\n')
+    entry = publish(source, registry=REGISTRY, client=docker_client, local_base=True)
+    image = entry["image"]
+    docker_client.images.remove(docker_client.api.inspect_image(image)["Id"], force=True)
+    assert not docker_client.images.list(name=image.split("@")[0])
+
+    sandbox = Sandbox.from_env(sandbox_config(settings))
+    logs = bytearray()
+    spec = ContainerSpec(name=f"runner-pullprobe-{SESSION}", image=image, cpus=0.2,
+                         memory_bytes=32 * 1024**2, pids_limit=8, timeout_seconds=30,
+                         log_cap_bytes=4096, input_json=json.dumps({}).encode(),
+                         labels={"io.container-runner.worker-id": f"inproc-{SESSION}"})
+    with structlog.testing.capture_logs() as events:
+        outcome = sandbox.run(spec, on_log=logs.extend)
+    assert [e for e in events if e["event"] == "image_pulled" and e["image"] == image]
+    assert outcome.exit_code == 0
+    assert bytes(logs) == f"pulled {SESSION}\n".encode()
+    assert image in docker_client.api.inspect_image(image)["RepoDigests"]
+    # Now local: a second run does not pull again.
+    with structlog.testing.capture_logs() as events:
+        sandbox.run(spec, on_log=logs.extend)
+    assert not [e for e in events if e["event"] == "image_pulled"]
+    docker_client.images.remove(docker_client.api.inspect_image(image)["Id"], force=True)
+
+
+def test_unreachable_engine_is_docker_unavailable(settings: Settings,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # An engine that goes away after the worker connected...
+    gone = docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.41")
+    sandbox = Sandbox(gone, sandbox_config(settings))
+    with pytest.raises(DockerUnavailableError) as caught:
+        sandbox.ensure_image("127.0.0.1:5000/processors/echo@sha256:" + "0" * 64)
+    assert caught.value.error_code == ErrorCode.DOCKER_UNAVAILABLE
+    # ...and one that is not there when the worker starts.
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    with pytest.raises(DockerUnavailableError):
+        Sandbox.from_env(sandbox_config(settings))

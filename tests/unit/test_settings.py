@@ -1,0 +1,44 @@
+import subprocess
+import sys
+
+import pytest
+
+from runner.errors import ConfigError
+from runner.settings import load_settings
+
+
+def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RUNNER_DATABASE_URL", "RUNNER_REDIS_URL", "RUNNER_API_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.database_url.startswith("sqlite:///var/")
+    assert settings.container_user == "65532:65532"
+
+
+def test_postgres_url_uses_psycopg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNNER_DATABASE_URL", "postgresql://u:p@127.0.0.1/db")
+    assert load_settings().database_url == "postgresql+psycopg://u:p@127.0.0.1/db"
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("RUNNER_API_PORT", "eighty"), ("RUNNER_DATABASE_URL", "mysql://x"),
+    ("RUNNER_TMP_SIZE", "huge"), ("RUNNER_STOP_GRACE_SECONDS", "later"),
+    ("RUNNER_REDIS_URL", "http://nope"),
+])
+def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str,
+                                        value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert name in caught.value.message
+    assert "\n" not in caught.value.message
+
+
+def test_cli_reports_a_bad_setting_in_one_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "runner", "db", "upgrade"],
+                            env={"RUNNER_API_PORT": "99999", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "RUNNER_API_PORT" in lines[0]
