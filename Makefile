@@ -40,3 +40,7 @@ test: services images lint typecheck
 clean:
 	-$(BIN)/runner dev down
 	-bash scripts/services.sh stop
+
+bench: bootstrap images
+	@$(BIN)/runner dev up
+	@. var/dev/env && $(BIN)/python bench/echo_vs_docker.py

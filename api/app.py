@@ -78,6 +78,10 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         if length > settings.max_body_bytes:
             response: Response = _error(request, 413, "body_too_large",
                                         f"request body over {settings.max_body_bytes} bytes")
+        elif "chunked" in request.headers.get("transfer-encoding", "").lower():
+            # Without a length the cap above could be walked around; bodies are small.
+            response = _error(request, 411, "length_required",
+                              "send the body with a Content-Length header")
         else:
             response = await call_next(request)
         response.headers["X-Request-ID"] = request_id

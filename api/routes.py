@@ -44,6 +44,7 @@ def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
                    input=body.input, timeout_seconds=body.timeout_seconds, labels=body.labels),
         manifest=svc.manifests.current(), store=svc.store, queue=svc.queue,
         default_queue=svc.settings.queue, stop_grace_seconds=svc.settings.stop_grace_seconds,
+        input_max_bytes=svc.settings.input_max_bytes,
     )
     return RunOut.of(run)
 

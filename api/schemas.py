@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from runner.domain import RunStatus
 from runner.store import Run
 
 MAX_LABELS = 32
-LABEL_KEY = r"^[a-zA-Z0-9][a-zA-Z0-9._/-]{0,62}$"
+LabelKey = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._/-]{0,62}$")]
+LabelValue = Annotated[str, StringConstraints(max_length=256)]
 
 
 class RunCreate(BaseModel):
@@ -25,7 +26,7 @@ class RunCreate(BaseModel):
     version: str | None = Field(default=None, min_length=1, max_length=64)
     input: dict[str, Any] = Field(default_factory=dict)
     timeout_seconds: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
 
 
 class RunOut(BaseModel):
@@ -68,12 +69,20 @@ class RunList(BaseModel):
     next_cursor: str | None
 
 
+class LimitsOut(BaseModel):
+    cpus: float
+    memory_bytes: int
+    pids: int
+    timeout_seconds: float
+    log_bytes: int
+
+
 class ProcessorOut(BaseModel):
     name: str
     version: str
     image: str
     description: str
-    limits: dict[str, float]
+    limits: LimitsOut
     max_attempts: int
     input_schema: dict[str, Any]
 

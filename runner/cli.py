@@ -238,11 +238,11 @@ def manifest_pin(
     manifest: Annotated[Path | None, typer.Option(help="Default: $RUNNER_MANIFEST")] = None,
 ) -> None:
     """Pin an image for a processor version in a manifest (a tag is resolved to its digest)."""
-    from runner.manifest import IMAGE_REF, entry_for, pin
+    from runner.manifest import entry_for, pin
     from runner.publish import registry_digest
 
     path = manifest or settings().manifest
-    if not IMAGE_REF.match(image):
+    if "@" not in image:
         repo, sep, tag = image.rpartition(":")
         if not sep or "/" in tag:
             fail(f"{image!r} is neither repo@sha256:<digest> nor repo:tag")

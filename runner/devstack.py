@@ -146,7 +146,10 @@ class DevStack:
                   "RUNNER_MANIFEST": str(self.manifest),
                   "RUNNER_DATABASE_URL": self.settings.database_url,
                   "RUNNER_REDIS_URL": self.settings.redis_url}
-        self.env_file.write_text("".join(f"export {k}={v}\n" for k, v in values.items()))
+        lines = [f"export {k}={v}\n" for k, v in values.items()]
+        # So that `runner` works after `. var/dev/env` without activating the venv.
+        lines.append(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
+        self.env_file.write_text("".join(lines))
         self.env_file.chmod(0o600)
 
     def _alive(self, name: str) -> int | None:

@@ -8,6 +8,7 @@ letter with its error code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -153,6 +154,14 @@ class Executor:
                           error=exc.message)
             return self._finish(run, Finish(RunStatus.DEAD_LETTER, error_code=exc.error_code,
                                             error_message=exc.message))
+        except Exception as exc:
+            # A bug or a dead database must not leave the run "running" with no one on it.
+            bound.exception("attempt_crashed")
+            with contextlib.suppress(Exception):
+                self._finish(run, Finish(RunStatus.DEAD_LETTER,
+                                         error_code=ErrorCode.INTERNAL_ERROR,
+                                         error_message=f"internal error: {type(exc).__name__}"))
+            raise
         writer.flush()
         finish = classify(outcome)
         bound.info("container_finished", exit_code=outcome.exit_code,

@@ -290,13 +290,16 @@ def parse_manifest(text: str, *, source: str = "<string>") -> Manifest:
         seen.add(key)
         match = IMAGE_REF.match(entry["image"])
         assert match is not None  # checked above
+        limits = _limits(entry.get("limits") or {}, base_limits)
+        if limits.timeout_seconds <= 0:
+            problems.add(["processors", index, "limits", "timeout"], "must be above 0")
         processors.append(Processor(
             name=entry["name"],
             version=entry["version"],
             image=entry["image"],
             repo=match["repo"],
             digest=match["digest"],
-            limits=_limits(entry.get("limits") or {}, base_limits),
+            limits=limits,
             retry=_retry(entry.get("retry") or {}, base_retry),
             queue=entry.get("queue"),
             description=entry.get("description", ""),
@@ -387,10 +390,10 @@ def pin(path: Path, entry: Mapping[str, Any]) -> Manifest:
     """
     data: dict[str, Any] = {"version": 1, "processors": []}
     if path.exists():
+        load_manifest(path)  # refuse to edit a file that is already broken
         loaded = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506
         if isinstance(loaded, dict):
             data = loaded
-        load_manifest(path)  # refuse to edit a file that is already broken
     processors: list[dict[str, Any]] = list(data.get("processors") or [])
     for existing in processors:
         if existing.get("name") == entry["name"] and existing.get("version") == entry["version"]:

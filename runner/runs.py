@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,13 +42,15 @@ def _json_path(path: Any) -> str:
 
 
 def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: RunQueue,
-           default_queue: str, stop_grace_seconds: float) -> Run:
+           default_queue: str, stop_grace_seconds: float,
+           input_max_bytes: int = 1024 * 1024) -> Run:
     """Record a new queued run and hand its id to the queue.
 
     Raises:
         UnknownProcessorError: no such processor (or version) in the manifest.
         InvalidInputError: the input fails the processor's input_schema (path named).
-        InvalidRequestError: timeout_seconds above the manifest's limit.
+        InvalidRequestError: input over its size cap, or timeout_seconds above the
+            manifest's limit.
         ServiceUnavailableError: the queue is down; the run is ended, not left dangling.
     """
     processor = manifest.find(submission.processor, submission.version)
@@ -55,6 +58,10 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         wanted = submission.processor + (f" {submission.version}" if submission.version else "")
         raise UnknownProcessorError(f"no processor {wanted} in the manifest",
                                     field="version" if submission.version else "processor")
+    size = len(json.dumps(dict(submission.input)).encode())
+    if size > input_max_bytes:
+        raise InvalidRequestError(f"input is {size} bytes, over the {input_max_bytes} byte cap",
+                                  field="input")
     validator = jsonschema.Draft202012Validator(processor.input_schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(dict(submission.input)))
     if error is not None:

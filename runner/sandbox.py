@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import tarfile
 import threading
 import time
@@ -405,7 +406,8 @@ class Sandbox:
                 bound.info("container_timeout", timeout_s=spec.timeout_seconds)
                 with _docker_errors("stop"):
                     # SIGTERM, then SIGKILL after the grace period, done by the engine.
-                    self.api.stop(container_id, timeout=int(self.config.stop_grace_seconds))
+                    self.api.stop(container_id,
+                                  timeout=math.ceil(self.config.stop_grace_seconds))
                 self._wait(container_id, time.monotonic() + self.config.stop_grace_seconds + 30)
             duration = time.monotonic() - started
             pump.join(timeout=10)

@@ -61,6 +61,16 @@ class Settings(BaseSettings):
             return parse_duration(value)
         raise ValueError("expected a duration such as 5s")
 
+    @field_validator("container_user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        uid, _, gid = value.partition(":")
+        if not uid.isdigit() or (gid and not gid.isdigit()):
+            raise ValueError("must be numeric UID or UID:GID, e.g. 65532:65532")
+        if int(uid) == 0:
+            raise ValueError("must not be root (UID 0): processors never run as root")
+        return value if gid else f"{uid}:{uid}"
+
     @field_validator("database_url")
     @classmethod
     def _database(cls, value: str) -> str:

@@ -265,15 +265,6 @@ class Store:
                 session.add(LogChunkRow(run_id=run_id, attempt=attempt, offset=offset,
                                         data=data))
 
-    def mark_log_truncated(self, run_id: str, attempt: int) -> None:
-        with self.session() as session:
-            session.execute(
-                update(RunRow)
-                .where(RunRow.id == run_id, RunRow.attempt == attempt,
-                       RunRow.status == RunStatus.RUNNING.value)
-                .values(log_truncated=True)
-            )
-
     def read_logs(self, run_id: str, *, offset: int = 0, limit: int | None = None) -> bytes:
         """Captured output from byte `offset` on (all attempts, in order)."""
         with self.session() as session:

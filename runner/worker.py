@@ -45,7 +45,8 @@ def sandbox_config(settings: Settings) -> SandboxConfig:
 def build_executor(settings: Settings) -> Executor:
     return Executor(store=Store(settings.database_url),
                     manifests=ManifestSource(settings.manifest),
-                    sandbox=Sandbox.from_env(sandbox_config(settings)),
+                    sandbox=Sandbox.from_env(sandbox_config(settings),
+                                             timeout=settings.pull_timeout_seconds),
                     worker_id=settings.worker_id,
                     stop_grace_seconds=settings.stop_grace_seconds)
 

@@ -28,9 +28,19 @@ if ! [ -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(bus
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # A policy-rc.d that says "no" keeps the packages' own services (a registry on
+  # :5000, a system Redis and PostgreSQL) from starting: ours run under var/.
+  made_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
   $SUDO apt-get update -qq
-  # policy-rc.d keeps the packages' own services from starting: ours run under var/.
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  status=0
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || status=$?
+  [ -z "$made_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
+  [ "$status" -eq 0 ] || { echo "error: apt-get install ${missing[*]} failed" >&2; exit 1; }
 fi
 
 stamp="$VENV/.installed"

@@ -166,3 +166,41 @@ def test_health_and_readiness(api_url: str) -> None:
 def test_openapi_is_served(api_url: str) -> None:
     spec = httpx.get(f"{api_url}/openapi.json").json()
     assert "/v1/runs" in spec["paths"] and "/v1/runs/{run_id}/logs" in spec["paths"]
+
+
+def test_label_keys_and_values_are_bounded(api_url: str, keys: dict[str, str]) -> None:
+    for labels in ({"bad key!": "x"}, {"k": "v" * 300},
+                   {f"k{i}": "v" for i in range(40)}):
+        error = assert_error(post(api_url, keys["submitter"],
+                                  {"processor": "echo", "input": {}, "labels": labels}),
+                             422, "invalid_request")
+        assert error["field"].startswith("labels")
+
+
+def test_chunked_body_without_length_is_refused(api_url: str, keys: dict[str, str]) -> None:
+    def chunks() -> Any:
+        yield b'{"processor": "echo", '
+        yield b'"input": {}}'
+
+    response = httpx.post(f"{api_url}/v1/runs", content=chunks(),
+                          headers={"Authorization": f"Bearer {keys['submitter']}",
+                                   "Content-Type": "application/json"})
+    assert_error(response, 411, "length_required")
+
+
+def test_input_over_its_cap_is_refused(store: Store, settings: Any) -> None:
+    from runner.errors import InvalidRequestError
+    from runner.manifest import load_manifest
+    from runner.queue import RunQueue
+    from runner.runs import Submission, submit
+
+    before, _ = store.list_runs(tenant="capped", limit=10)
+    with pytest.raises(InvalidRequestError) as caught:
+        submit(Submission(tenant="capped", processor="echo", version=None,
+                          input={"message": "x" * 200}),
+               manifest=load_manifest(settings.manifest), store=store,
+               queue=RunQueue.from_url(settings.redis_url), default_queue="unused",
+               stop_grace_seconds=1, input_max_bytes=100)
+    assert caught.value.context["field"] == "input"
+    assert "over the 100 byte cap" in caught.value.message
+    assert store.list_runs(tenant="capped", limit=10)[0] == before == []

@@ -168,3 +168,16 @@ def test_validate_command_exit_code_and_lines(tmp_path: Path) -> None:
                              str(good), str(bad)], capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1
     assert f"{bad}:7: processors[0].image: 'echo' is a bare name" in failed.stderr
+
+
+def test_shipped_example_manifest_is_valid() -> None:
+    from runner.manifest import load_manifest
+
+    root = Path(__file__).resolve().parents[2]
+    manifest = load_manifest(root / "manifests" / "example.yaml")
+    assert [p.name for p in manifest.processors] == ["echo"]
+
+
+def test_zero_timeout_is_refused() -> None:
+    found = problems(GOOD.replace("timeout: 30s", "timeout: 0s"))
+    assert found == ["m.yaml:8: processors[0].limits.timeout: must be above 0"]

@@ -42,3 +42,12 @@ def test_cli_reports_a_bad_setting_in_one_line() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "RUNNER_API_PORT" in lines[0]
+
+
+@pytest.mark.parametrize("value", ["0", "0:0", "root", "65532:abc"])
+def test_container_user_must_be_numeric_and_not_root(monkeypatch: pytest.MonkeyPatch,
+                                                     value: str) -> None:
+    monkeypatch.setenv("RUNNER_CONTAINER_USER", value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "RUNNER_CONTAINER_USER" in caught.value.message
