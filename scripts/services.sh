@@ -79,8 +79,10 @@ YAML
 stop_pidfile() {
   local pid_file=$STATE/$1.pid
   [ -f "$pid_file" ] || return 0
-  kill "$(cat "$pid_file")" 2>/dev/null || true
-  for _ in $(seq 1 50); do kill -0 "$(cat "$pid_file")" 2>/dev/null || break; sleep 0.1; done
+  local pid
+  pid=$(cat "$pid_file")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   rm -f "$pid_file"
 }
 stop_redis() { stop_pidfile redis; }
