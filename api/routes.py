@@ -6,16 +6,25 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal, submitter, viewer
 from api.deps import Services, services
-from api.schemas import ErrorOut, ProcessorList, ProcessorOut, RunCreate, RunList, RunOut
+from api.schemas import (
+    AttemptOut,
+    ErrorOut,
+    ProcessorList,
+    ProcessorOut,
+    RunCreate,
+    RunList,
+    RunOut,
+)
 from runner.domain import RunStatus
 from runner.errors import NotFoundError
-from runner.runs import Submission, submit
+from runner.lifecycle import Lifecycle
+from runner.runs import Submission, replay, submit
 from runner.store import Run
 
 router = APIRouter(prefix="/v1", responses={
@@ -25,6 +34,8 @@ router = APIRouter(prefix="/v1", responses={
 })
 
 FOLLOW_POLL_SECONDS = 0.25
+TAIL_LINES = 20
+TAIL_BYTES = 16 * 1024
 
 
 def _run_or_404(svc: Services, run_id: str, who: Principal) -> Run:
@@ -37,11 +48,16 @@ def _run_or_404(svc: Services, run_id: str, who: Principal) -> Run:
 @router.post("/runs", status_code=202, response_model=RunOut,
              responses={503: {"model": ErrorOut, "description": "Queue unavailable"}})
 def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
-               svc: Annotated[Services, Depends(services)]) -> RunOut:
+               svc: Annotated[Services, Depends(services)],
+               idempotency_key: Annotated[str | None, Header(
+                   alias="Idempotency-Key", min_length=1, max_length=128,
+                   description="The same key with the same body returns the same run")] = None,
+               ) -> RunOut:
     """Submit a run of an allowlisted processor; answers with the queued run."""
     run = submit(
         Submission(tenant=who.tenant, processor=body.processor, version=body.version,
-                   input=body.input, timeout_seconds=body.timeout_seconds, labels=body.labels),
+                   input=body.input, timeout_seconds=body.timeout_seconds, labels=body.labels,
+                   idempotency_key=idempotency_key),
         manifest=svc.manifests.current(), store=svc.store, queue=svc.queue,
         default_queue=svc.settings.queue, stop_grace_seconds=svc.settings.stop_grace_seconds,
         input_max_bytes=svc.settings.input_max_bytes,
@@ -67,7 +83,35 @@ def list_runs(who: Annotated[Principal, Depends(viewer)],
             responses={404: {"model": ErrorOut, "description": "No such run"}})
 def get_run(run_id: str, who: Annotated[Principal, Depends(viewer)],
             svc: Annotated[Services, Depends(services)]) -> RunOut:
-    return RunOut.of(_run_or_404(svc, run_id, who))
+    """One run, with its attempts; a dead letter also carries its last log lines."""
+    run = _run_or_404(svc, run_id, who)
+    tail = None
+    if run.status is RunStatus.DEAD_LETTER:
+        start = max(0, run.log_bytes - TAIL_BYTES)
+        text = svc.store.read_logs(run.id, offset=start).decode(errors="replace")
+        tail = text.splitlines()[-TAIL_LINES:]
+    return RunOut.of(run, attempts=[AttemptOut(**a) for a in svc.store.attempts(run.id)],
+                     last_log_lines=tail)
+
+
+@router.post("/runs/{run_id}/cancel", response_model=RunOut,
+             responses={404: {"model": ErrorOut, "description": "No such run"},
+                        409: {"model": ErrorOut, "description": "The run already ended"}})
+def cancel_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
+               svc: Annotated[Services, Depends(services)]) -> RunOut:
+    """Cancel: a queued run never starts; a running one is stopped within its grace."""
+    return RunOut.of(Lifecycle(svc.store).cancel(run_id, tenant=who.tenant))
+
+
+@router.post("/runs/{run_id}/replay", status_code=202, response_model=RunOut,
+             responses={404: {"model": ErrorOut, "description": "No such run"},
+                        409: {"model": ErrorOut, "description": "The run has not ended"}})
+def replay_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
+               svc: Annotated[Services, Depends(services)]) -> RunOut:
+    """A new run of an ended run's processor version and input, linked by `replay_of`."""
+    return RunOut.of(replay(run_id, tenant=who.tenant, manifest=svc.manifests.current(),
+                            store=svc.store, queue=svc.queue, default_queue=svc.settings.queue,
+                            stop_grace_seconds=svc.settings.stop_grace_seconds))
 
 
 @router.get("/runs/{run_id}/logs", response_class=Response,

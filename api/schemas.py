@@ -29,6 +29,21 @@ class RunCreate(BaseModel):
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
 
 
+class AttemptOut(BaseModel):
+    number: int
+    worker_id: str
+    status: str
+    container_id: str | None
+    image_id: str | None
+    exit_code: int | None
+    error_code: str | None
+    error_message: str | None
+    error_stage: str | None
+    log_bytes: int
+    started_at: datetime
+    finished_at: datetime | None
+
+
 class RunOut(BaseModel):
     id: str
     status: RunStatus
@@ -50,10 +65,24 @@ class RunOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    next_attempt_at: datetime | None = Field(
+        default=None, description="When a queued run waiting out a retry backoff may start")
+    error_stage: str | None = Field(
+        default=None, description="Where the last attempt failed: launch, pull, create, "
+                                  "start, run, collect, lease, shutdown, queue")
+    cancel_requested: bool = False
+    replay_of: str | None = None
+    attempts: list[AttemptOut] | None = Field(
+        default=None, description="Every attempt (on GET /v1/runs/{id} only)")
+    last_log_lines: list[str] | None = Field(
+        default=None, description="The tail of the logs, for dead letters (on GET only)")
 
     @classmethod
-    def of(cls, run: Run) -> RunOut:
+    def of(cls, run: Run, **extra: Any) -> RunOut:
         return cls(
+            next_attempt_at=run.next_attempt_at if run.status is RunStatus.QUEUED else None,
+            error_stage=run.error_stage, cancel_requested=run.cancel_requested_at is not None,
+            replay_of=run.replay_of, **extra,
             id=run.id, status=run.status, processor=run.processor, version=run.version,
             image=run.image, input=run.input, result=run.result, exit_code=run.exit_code,
             error_code=run.error_code, error_message=run.error_message, attempt=run.attempt,
@@ -84,6 +113,7 @@ class ProcessorOut(BaseModel):
     description: str
     limits: LimitsOut
     max_attempts: int
+    max_concurrency: int | None
     input_schema: dict[str, Any]
 
 

@@ -98,11 +98,31 @@ def api_command(host: Annotated[str | None, typer.Option()] = None,
 def worker_command(
     queue: Annotated[list[str] | None, typer.Option(help="Queues in priority order.")] = None,
     burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
+    concurrency: Annotated[int, typer.Option(min=1, max=64,
+                                             help="Worker processes to run.")] = 1,
 ) -> None:
-    """Run an RQ worker that executes runs in containers."""
-    from runner.worker import run_worker
+    """Run RQ workers that execute runs in containers."""
+    from runner.worker import run_worker, supervise
 
-    run_worker(settings("worker"), queues=queue, burst=burst)
+    cfg = settings("worker")
+    if concurrency > 1:
+        supervise(cfg, concurrency=concurrency, queues=queue)
+    else:
+        run_worker(cfg, queues=queue, burst=burst)
+
+
+@app.command("reconcile")
+@command
+def reconcile_command() -> None:
+    """One reconciler pass: recover expired leases, lost jobs, leftover containers."""
+    from runner.worker import build_reconciler
+
+    report = build_reconciler(settings("reconciler")).run_once()
+    if report.skipped:
+        typer.echo("another reconciler holds the lock; nothing done")
+        return
+    typer.echo(f"expired leases: {len(report.expired)}, requeued: {len(report.requeued)}, "
+               f"containers removed: {len(report.removed_containers)}")
 
 
 @db_app.command("upgrade")
@@ -194,6 +214,25 @@ def runs_show(run_id: str) -> None:
     """Print a run as JSON."""
     with _client() as client:
         _print_json(client.run(run_id))
+
+
+@runs_app.command("cancel")
+@command
+def runs_cancel(run_id: str) -> None:
+    """Cancel a run: a queued one never starts, a running one is stopped."""
+    with _client() as client:
+        run = client.cancel(run_id)
+    typer.echo(f"{run['id']}: {run['status']}"
+               + (" (stop requested)" if run.get("cancel_requested") and
+                  run["status"] == "running" else ""))
+
+
+@runs_app.command("replay")
+@command
+def runs_replay(run_id: str) -> None:
+    """Start a new run with an ended run's processor version and input."""
+    with _client() as client:
+        _print_json(client.replay(run_id))
 
 
 @runs_app.command("logs")

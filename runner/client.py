@@ -81,6 +81,14 @@ class RunnerClient:
         page: dict[str, Any] = self._request("GET", "/v1/runs", params=params).json()
         return page
 
+    def cancel(self, run_id: str) -> dict[str, Any]:
+        run: dict[str, Any] = self._request("POST", f"/v1/runs/{run_id}/cancel").json()
+        return run
+
+    def replay(self, run_id: str) -> dict[str, Any]:
+        run: dict[str, Any] = self._request("POST", f"/v1/runs/{run_id}/replay").json()
+        return run
+
     def processors(self) -> dict[str, Any]:
         found: dict[str, Any] = self._request("GET", "/v1/processors").json()
         return found

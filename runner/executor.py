@@ -1,23 +1,29 @@
 """Execute one attempt of one run: the one place joining store, manifest and sandbox.
 
-Claim the run (only one claim wins), re-check the allowlist at launch, run the
-container, and record how it ended. A processor's failure is classified from the
-sandbox's `Outcome`; a platform failure (`SandboxError`) ends the run as a dead
-letter with its error code.
+Claim the attempt (only one claim wins), re-check the allowlist at launch, run the
+container while a guard thread renews the lease and watches for a cancel, classify
+how it ended, apply the retry policy, and record the result, fenced by the attempt
+number. A processor's failure comes back from the sandbox as data; a platform
+failure (`SandboxError`) is classified by its error code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from runner.domain import ErrorCode, RunStatus
-from runner.errors import SandboxError
-from runner.manifest import ManifestSource
+from runner.errors import SandboxError, ServiceUnavailableError
+from runner.faults import Faults
+from runner.lifecycle import ClaimStatus, Lifecycle
+from runner.manifest import ManifestSource, Processor, RetryPolicy
+from runner.queue import RunQueue
+from runner.retry import decide
 from runner.sandbox import (
     ATTEMPT_LABEL,
     RUN_LABEL,
@@ -27,9 +33,11 @@ from runner.sandbox import (
     ResultStatus,
     Sandbox,
 )
-from runner.store import Finish, Run, Store
+from runner.store import Finish, Run, Store, utcnow
 
 log = structlog.get_logger(__name__)
+
+RECORD_RETRY_SECONDS = 120  # how long a finished attempt waits out a database outage
 
 
 def container_name(run_id: str, attempt: int) -> str:
@@ -72,12 +80,17 @@ def classify(outcome: Outcome) -> Finish:
         return Finish(RunStatus.SUCCEEDED, exit_code=outcome.exit_code, result=value,
                       log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
     status, code, message = failure
+    stage = "collect" if code in (ErrorCode.INVALID_OUTPUT, ErrorCode.OUTPUT_TOO_LARGE) else "run"
     return Finish(status, exit_code=outcome.exit_code, error_code=code, error_message=message,
-                  log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
+                  error_stage=stage, log_bytes=outcome.log_bytes,
+                  log_truncated=outcome.log_truncated)
 
 
 class LogWriter:
-    """Batches captured output into the store: bounded memory, live enough to follow."""
+    """Batches captured output into the store: bounded memory, live enough to follow.
+
+    A database hiccup keeps the batch (bounded by the log cap) for the next flush.
+    """
 
     FLUSH_BYTES = 64 * 1024
     FLUSH_SECONDS = 0.25
@@ -91,42 +104,149 @@ class LogWriter:
         self._buffer += chunk
         if (len(self._buffer) >= self.FLUSH_BYTES
                 or time.monotonic() - self._last >= self.FLUSH_SECONDS):
-            self.flush()
+            with contextlib.suppress(ServiceUnavailableError):
+                self.flush()
 
     def flush(self) -> None:
         self._last = time.monotonic()
         if not self._buffer:
             return
-        data, self._buffer = bytes(self._buffer), bytearray()
+        data = bytes(self._buffer)
         self.store.append_log(self.run_id, self.attempt, offset=self.offset, data=data)
+        self._buffer = bytearray()
         self.offset += len(data)
+
+
+@dataclass
+class AttemptGuard:
+    """A thread that renews the attempt's lease and stops its container on a cancel
+    or when the lease turns out lost (the reconciler gave the run to someone else)."""
+
+    lifecycle: Lifecycle
+    sandbox: Sandbox
+    run: Run
+    lease_seconds: float
+    interval: float
+    canceled: bool = False
+    lost: bool = False
+    container_id: str | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name=f"guard-{self.run.id[:8]}",
+                         daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def on_start(self, container_id: str) -> None:
+        with self._lock:
+            self.container_id = container_id
+            halt = self.canceled or self.lost
+        if halt:
+            self._halt()
+
+    def _halt(self) -> None:
+        if self.container_id is not None:
+            try:
+                self.sandbox.stop(self.container_id)
+            except SandboxError as exc:
+                log.warning("container_stop_failed", run_id=self.run.id, error=exc.message)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                beat = self.lifecycle.heartbeat(self.run.id, self.run.attempt,
+                                                lease_seconds=self.lease_seconds)
+            except ServiceUnavailableError as exc:
+                log.warning("lease_renewal_failed", run_id=self.run.id, error=exc.message)
+                continue
+            with self._lock:
+                newly_lost = not beat.owned and not self.lost
+                newly_canceled = beat.cancel_requested and not self.canceled
+                self.lost = self.lost or not beat.owned
+                self.canceled = self.canceled or beat.cancel_requested
+            if newly_lost or newly_canceled:
+                log.info("attempt_lost" if newly_lost else "attempt_canceling",
+                         run_id=self.run.id, attempt=self.run.attempt)
+                self._halt()
+            if self.lost:
+                return
 
 
 @dataclass
 class Executor:
     store: Store
+    lifecycle: Lifecycle
     manifests: ManifestSource
     sandbox: Sandbox
+    queue: RunQueue
     worker_id: str
+    lease_seconds: float = 15.0
+    heartbeat_seconds: float = 1.0
     stop_grace_seconds: float = 5.0
+    faults: Faults = field(default_factory=Faults)
 
-    def execute(self, run_id: str) -> RunStatus | None:
-        """Run one attempt of `run_id`; the status recorded, or None if not claimed."""
-        run = self.store.claim(run_id, worker_id=self.worker_id)
-        if run is None:
-            current = self.store.get_run(run_id)
-            log.info("run_not_claimed", run_id=run_id,
-                     status=current.status if current else "missing")
+    def execute(self, run_id: str, attempt: int) -> RunStatus | None:
+        """Run attempt `attempt` of `run_id`; the status recorded, or None if not ours."""
+        self.faults.point("before_claim")
+        queued = self.store.get_run(run_id)
+        if queued is None:
             return None
+        processor = self.manifests.current().find(queued.processor, queued.version)
+        claim = self.lifecycle.claim(
+            run_id, attempt=attempt, worker_id=self.worker_id,
+            lease_seconds=self.lease_seconds,
+            max_concurrency=processor.max_concurrency if processor else None)
+        if claim.status is not ClaimStatus.CLAIMED or claim.run is None:
+            # Not due, at capacity, or someone else's: the reconciler queues it again
+            # when it is due, so dropping this job loses nothing.
+            log.info("run_not_claimed", run_id=run_id, attempt=attempt, reason=claim.status)
+            return None
+        run = claim.run
+        self.faults.point("after_claim")
         bound = log.bind(run_id=run.id, attempt=run.attempt, worker_id=self.worker_id)
         bound.info("run_claimed", processor=run.processor, version=run.version)
-        manifest = self.manifests.current()
-        processor = manifest.find(run.processor, run.version)
+        guard = AttemptGuard(self.lifecycle, self.sandbox, run, self.lease_seconds,
+                             self.heartbeat_seconds)
+        guard.start()
+        policy = RetryPolicy()
+        try:
+            processor = self.manifests.current().find(run.processor, run.version)
+            if processor is not None:
+                policy = processor.retry
+            finish = self._attempt(run, processor, guard)
+        except (SystemExit, KeyboardInterrupt):
+            # Cold shutdown: the container is gone (the sandbox removes it on the way
+            # out); hand the run back so another worker retries it as worker_lost.
+            guard.stop()
+            self._record(run, policy, Finish(
+                RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="shutdown",
+                error_message="the worker shut down before the run finished"))
+            raise
+        except Exception as exc:
+            guard.stop()
+            bound.exception("attempt_crashed")
+            with contextlib.suppress(Exception):
+                self._record(run, RetryPolicy(), Finish(
+                    RunStatus.DEAD_LETTER, error_code=ErrorCode.INTERNAL_ERROR,
+                    error_stage="worker", error_message=f"internal error: {type(exc).__name__}"))
+            raise
+        guard.stop()
+        if guard.lost:
+            bound.warning("attempt_abandoned", reason="lease lost")
+            return None
+        return self._record(run, policy, finish)
+
+    def _attempt(self, run: Run, processor: Processor | None, guard: AttemptGuard) -> Finish:
         if processor is None or processor.image != run.image:
-            return self._finish(run, Finish(
-                RunStatus.DEAD_LETTER, error_code=ErrorCode.IMAGE_NOT_ALLOWED,
-                error_message=(f"{run.image} is no longer allowlisted for {run.processor} "
-                               f"{run.version} (manifest {manifest.revision})")))
+            manifest = self.manifests.current()
+            return Finish(RunStatus.DEAD_LETTER, error_code=ErrorCode.IMAGE_NOT_ALLOWED,
+                          error_stage="launch",
+                          error_message=(f"{run.image} is no longer allowlisted for "
+                                         f"{run.processor} {run.version} "
+                                         f"(manifest {manifest.revision})"))
         spec = ContainerSpec(
             name=container_name(run.id, run.attempt),
             image=run.image,
@@ -141,38 +261,58 @@ class Executor:
                     WORKER_LABEL: self.worker_id},
         )
         writer = LogWriter(self.store, run.id, run.attempt, self.store.log_offset(run.id))
-        started = time.monotonic()
-        try:
-            outcome = self.sandbox.run(
-                spec, on_log=writer.write,
-                on_start=lambda cid, iid: self.store.record_container(
-                    run.id, run.attempt, container_id=cid, image_id=iid),
-            )
-        except SandboxError as exc:
-            writer.flush()
-            bound.warning("attempt_platform_failure", error_code=exc.error_code,
-                          error=exc.message)
-            return self._finish(run, Finish(RunStatus.DEAD_LETTER, error_code=exc.error_code,
-                                            error_message=exc.message))
-        except Exception as exc:
-            # A bug or a dead database must not leave the run "running" with no one on it.
-            bound.exception("attempt_crashed")
-            with contextlib.suppress(Exception):
-                self._finish(run, Finish(RunStatus.DEAD_LETTER,
-                                         error_code=ErrorCode.INTERNAL_ERROR,
-                                         error_message=f"internal error: {type(exc).__name__}"))
-            raise
-        writer.flush()
-        finish = classify(outcome)
-        bound.info("container_finished", exit_code=outcome.exit_code,
-                   oom_killed=outcome.oom_killed, timed_out=outcome.timed_out,
-                   duration_ms=round(outcome.duration_seconds * 1000, 1),
-                   total_ms=round((time.monotonic() - started) * 1000, 1),
-                   log_bytes=outcome.log_bytes)
-        return self._finish(run, finish)
 
-    def _finish(self, run: Run, finish: Finish) -> RunStatus | None:
-        recorded = self.store.finish(run.id, run.attempt, finish)
+        def started(container_id: str, image_id: str) -> None:
+            self.store.record_container(run.id, run.attempt, container_id=container_id,
+                                        image_id=image_id)
+            guard.on_start(container_id)
+
+        began = time.monotonic()
+        try:
+            outcome = self.sandbox.run(spec, on_log=writer.write, on_start=started)
+        except SandboxError as exc:
+            with contextlib.suppress(ServiceUnavailableError):
+                writer.flush()
+            log.warning("attempt_platform_failure", run_id=run.id, attempt=run.attempt,
+                        error_code=exc.error_code, error=exc.message)
+            return Finish(RunStatus.FAILED, error_code=exc.error_code,
+                          error_stage=str(exc.context.get("stage", "sandbox")),
+                          error_message=exc.message)
+        self.faults.point("after_container_exit")
+        with contextlib.suppress(ServiceUnavailableError):
+            writer.flush()
+        log.info("container_finished", run_id=run.id, attempt=run.attempt,
+                 exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
+                 timed_out=outcome.timed_out, log_bytes=outcome.log_bytes,
+                 duration_ms=round(outcome.duration_seconds * 1000, 1),
+                 total_ms=round((time.monotonic() - began) * 1000, 1))
+        if guard.canceled:
+            return Finish(RunStatus.CANCELED, exit_code=outcome.exit_code,
+                          error_code=ErrorCode.CANCELED, error_stage="run",
+                          error_message="canceled while running",
+                          log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
+        return classify(outcome)
+
+    def _record(self, run: Run, policy: RetryPolicy, finish: Finish) -> RunStatus | None:
+        """Apply the retry policy and store the result, riding out a database outage."""
+        decided = decide(finish, policy=policy, attempt=run.attempt, now=utcnow())
+        deadline = time.monotonic() + RECORD_RETRY_SECONDS
+        while True:
+            try:
+                recorded = self.lifecycle.finish(run.id, run.attempt, decided)
+                break
+            except ServiceUnavailableError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("record_retrying", run_id=run.id, error=exc.message)
+                time.sleep(1)
         log.info("run_finished" if recorded else "run_finish_fenced_off", run_id=run.id,
-                 attempt=run.attempt, status=finish.status, error_code=finish.error_code)
-        return finish.status if recorded else None
+                 attempt=run.attempt, status=decided.status, error_code=decided.error_code,
+                 next_attempt_at=decided.next_attempt_at)
+        if recorded and decided.status is RunStatus.QUEUED:
+            try:
+                self.queue.enqueue(run, at=decided.next_attempt_at,
+                                   stop_grace_seconds=self.stop_grace_seconds)
+            except ServiceUnavailableError as exc:
+                log.warning("retry_enqueue_deferred", run_id=run.id, error=exc.message)
+        return decided.status if recorded else None

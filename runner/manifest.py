@@ -33,7 +33,9 @@ IMAGE_REF = re.compile(
     r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
     r"@(?P<digest>sha256:[a-f0-9]{64})$"
 )
-DEFAULT_RETRY_ON = frozenset({"exit:75"})
+# Exit 75 is the processor contract's "retry me"; the other two are the platform's own
+# transient failures. Retries happen only when max_attempts is above 1.
+DEFAULT_RETRY_ON = frozenset({"exit:75", "worker_lost", "docker_unavailable"})
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Processor:
     limits: Limits
     retry: RetryPolicy
     queue: str | None = None
+    max_concurrency: int | None = None
     description: str = ""
     input_schema: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -87,6 +90,7 @@ class Processor:
                 "log_bytes": self.limits.log_bytes,
             },
             "max_attempts": self.retry.max_attempts,
+            "max_concurrency": self.max_concurrency,
             "input_schema": dict(self.input_schema),
         }
 
@@ -302,6 +306,7 @@ def parse_manifest(text: str, *, source: str = "<string>") -> Manifest:
             limits=limits,
             retry=_retry(entry.get("retry") or {}, base_retry),
             queue=entry.get("queue"),
+            max_concurrency=entry.get("max_concurrency"),
             description=entry.get("description", ""),
             input_schema=entry.get("input_schema") or {"type": "object"},
         ))

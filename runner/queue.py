@@ -1,10 +1,19 @@
-"""The transport: RQ on Redis. Redis carries run ids only; the database is the truth."""
+"""The transport: RQ on Redis. Redis carries run ids only; the database is the truth.
+
+Each job is one attempt of one run (`run-<id>-<attempt>`), so a retry scheduled by
+the attempt before it never collides with that attempt's own job. A job that is
+lost (Redis flushed, a worker killed between dequeue and claim) is found and
+enqueued again by the reconciler, and a job that arrives twice loses its claim.
+"""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
+from rq.job import Job
 
 from runner.errors import ServiceUnavailableError
 from runner.store import Run
@@ -13,14 +22,15 @@ JOB_FUNCTION = "runner.worker.perform"
 # The RQ job timeout sits well past the container deadline, so the runner's own
 # timeout (SIGTERM, grace, SIGKILL) always fires first.
 JOB_TIMEOUT_MARGIN_SECONDS = 300
+HELD_STATES = {b"queued", b"scheduled", b"deferred"}
 
 
-def job_id(run_id: str) -> str:
-    return f"run-{run_id}"
+def job_id(run_id: str, attempt: int) -> str:
+    return f"run-{run_id}-{attempt}"
 
 
 class RunQueue:
-    """Puts run ids on the RQ queue each run's processor is routed to."""
+    """Puts run attempts on the RQ queue each run's processor is routed to."""
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -36,17 +46,34 @@ class RunQueue:
             self._queues[name] = Queue(name, connection=self.redis)
         return self._queues[name]
 
-    def enqueue(self, run: Run, *, stop_grace_seconds: float = 5.0) -> None:
-        """Raises: ServiceUnavailableError when Redis cannot be reached."""
+    def enqueue(self, run: Run, *, at: datetime | None = None,
+                stop_grace_seconds: float = 5.0) -> None:
+        """Queue the run's next attempt, at `at` when that is in the future.
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached.
+        """
+        attempt = run.attempt + 1
         timeout = int(run.timeout_seconds + stop_grace_seconds + JOB_TIMEOUT_MARGIN_SECONDS)
+        options = {"job_id": job_id(run.id, attempt), "job_timeout": timeout,
+                   "result_ttl": 0, "failure_ttl": 7 * 24 * 3600,
+                   "description": f"run {run.id} attempt {attempt} ({run.processor})"}
         try:
-            self._queue(run.queue).enqueue(
-                JOB_FUNCTION, run.id, job_id=job_id(run.id), job_timeout=timeout,
-                result_ttl=0, failure_ttl=7 * 24 * 3600,
-                description=f"run {run.id} ({run.processor} {run.version})",
-            )
+            queue = self._queue(run.queue)
+            if at is not None and at > datetime.now(UTC):
+                queue.enqueue_at(at, JOB_FUNCTION, run.id, attempt, **options)
+            else:
+                queue.enqueue(JOB_FUNCTION, run.id, attempt, **options)
         except RedisError as exc:
             raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
+
+    def holds(self, run: Run) -> bool:
+        """True while Redis has the run's next attempt waiting to be picked up."""
+        try:
+            status = self.redis.hget(Job.key_for(job_id(run.id, run.attempt + 1)), "status")
+        except RedisError as exc:
+            raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
+        return status in HELD_STATES
 
     def ping(self) -> None:
         """Raises: ServiceUnavailableError when Redis cannot be reached."""

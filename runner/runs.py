@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,16 +11,17 @@ from typing import Any
 import jsonschema
 import structlog
 
-from runner.domain import ErrorCode, RunStatus
 from runner.errors import (
+    ConflictError,
     InvalidInputError,
     InvalidRequestError,
+    NotFoundError,
     ServiceUnavailableError,
     UnknownProcessorError,
 )
 from runner.manifest import Manifest
 from runner.queue import RunQueue
-from runner.store import Finish, NewRun, Run, Store
+from runner.store import NewRun, Run, Store
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +34,14 @@ class Submission:
     input: Mapping[str, Any]
     timeout_seconds: int | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    replay_of: str | None = None
+
+    def fingerprint(self) -> str:
+        """A hash of what was asked for, to tell a true retry from a reused key."""
+        body = {"processor": self.processor, "version": self.version, "input": self.input,
+                "timeout_seconds": self.timeout_seconds, "labels": dict(self.labels)}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _json_path(path: Any) -> str:
@@ -51,7 +61,7 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         InvalidInputError: the input fails the processor's input_schema (path named).
         InvalidRequestError: input over its size cap, or timeout_seconds above the
             manifest's limit.
-        ServiceUnavailableError: the queue is down; the run is ended, not left dangling.
+        InvalidRequestError: the idempotency key was used for a different request.
     """
     processor = manifest.find(submission.processor, submission.version)
     if processor is None:
@@ -72,24 +82,49 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         raise InvalidRequestError(
             f"timeout_seconds {submission.timeout_seconds} is above this processor's "
             f"limit of {limit:g}", field="timeout_seconds")
-    run = store.create_run(NewRun(
+    run, created = store.create_run(NewRun(
         tenant=submission.tenant, processor=processor.name, version=processor.version,
         image=processor.image, queue=processor.queue or default_queue,
         input=dict(submission.input), labels=dict(submission.labels),
         timeout_seconds=float(submission.timeout_seconds or limit),
         max_attempts=processor.retry.max_attempts, manifest_revision=manifest.revision,
+        idempotency_key=submission.idempotency_key, request_hash=submission.fingerprint(),
+        replay_of=submission.replay_of,
     ))
+    if not created:
+        log.info("run_submission_replayed", run_id=run.id, tenant=run.tenant)
+        return run
     try:
         queue.enqueue(run, stop_grace_seconds=stop_grace_seconds)
-    except ServiceUnavailableError:
-        # Nothing may wait forever on a queue that never heard of it: end the run so a
-        # retried submission cannot make a second one execute.
-        claimed = store.claim(run.id, worker_id="api")
-        if claimed is not None:
-            store.finish(run.id, claimed.attempt, Finish(
-                RunStatus.DEAD_LETTER, error_code=ErrorCode.INTERNAL_ERROR,
-                error_message="the queue was unavailable at submission"))
-        raise
+    except ServiceUnavailableError as exc:
+        # The run is recorded, and the database is the truth: the reconciler queues
+        # it once Redis answers again. Nothing is lost and nothing runs twice.
+        log.warning("enqueue_deferred", run_id=run.id, error=exc.message)
     log.info("run_submitted", run_id=run.id, processor=run.processor, version=run.version,
-             tenant=run.tenant)
+             tenant=run.tenant, replay_of=run.replay_of)
     return run
+
+
+def replay(run_id: str, *, tenant: str | None, manifest: Manifest, store: Store,
+           queue: RunQueue, default_queue: str, stop_grace_seconds: float) -> Run:
+    """A new run of an ended run's processor version and input, linked to it.
+
+    It runs the image the manifest pins now, so a processor fixed and re-pinned after
+    a dead letter can be replayed to success.
+
+    Raises:
+        NotFoundError: no such run for this tenant.
+        ConflictError: the run has not ended yet.
+        UnknownProcessorError: the manifest no longer has that processor version.
+    """
+    original = store.get_run(run_id, tenant=tenant)
+    if original is None:
+        raise NotFoundError(f"no run {run_id}")
+    if not original.status.terminal:
+        raise ConflictError(f"run {run_id} is still {original.status}; only ended runs "
+                            "can be replayed", status=original.status)
+    return submit(Submission(tenant=original.tenant, processor=original.processor,
+                             version=original.version, input=original.input,
+                             labels=original.labels, replay_of=original.id),
+                  manifest=manifest, store=store, queue=queue, default_queue=default_queue,
+                  stop_grace_seconds=stop_grace_seconds)

@@ -432,6 +432,19 @@ class Sandbox:
                 bound.error("container_remove_failed", container_id=container_id,
                             error=str(exc))
 
+    def stop(self, container_id: str) -> None:
+        """SIGTERM now, SIGKILL after the grace period (cancel, drain, lost lease)."""
+        try:
+            with _docker_errors("stop"):
+                self.api.stop(container_id, timeout=math.ceil(self.config.stop_grace_seconds))
+        except SandboxError as exc:
+            if not isinstance(exc.__cause__, docker.errors.NotFound):
+                raise
+
+    def remove(self, container_id: str) -> None:
+        """Kill and remove a container and its /run volume; a missing one is fine."""
+        self._remove(container_id)
+
     def managed_containers(self, **label_filters: str) -> list[dict[str, Any]]:
         """Containers this runner created (by label), optionally narrowed by more labels."""
         labels = [MANAGED_LABEL] + [f"{k}={v}" for k, v in label_filters.items()]

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     input_max_bytes: int = 1024 * 1024
     pull_timeout_seconds: float = Field(default=300.0, gt=0)
 
+    lease_seconds: float = Field(default=15.0, gt=0)
+    heartbeat_seconds: float = Field(default=1.0, gt=0)
+    drain_timeout_seconds: float = Field(default=60.0, ge=0)
+    reconcile_interval_seconds: float = Field(default=5.0, gt=0)
+    reconcile_grace_seconds: float = Field(default=10.0, ge=0)
+    fault_points: str = ""
+
     @field_validator("tmp_size", "result_max_bytes", "input_max_bytes", mode="before")
     @classmethod
     def _size(cls, value: object) -> int:
@@ -54,12 +61,24 @@ class Settings(BaseSettings):
             return parse_size(value)
         raise ValueError("expected a size such as 64Mi")
 
-    @field_validator("stop_grace_seconds", "pull_timeout_seconds", mode="before")
+    @field_validator("stop_grace_seconds", "pull_timeout_seconds", "lease_seconds",
+                     "heartbeat_seconds", "drain_timeout_seconds",
+                     "reconcile_interval_seconds", "reconcile_grace_seconds", mode="before")
     @classmethod
     def _duration(cls, value: object) -> float:
         if isinstance(value, int | float | str):
             return parse_duration(value)
         raise ValueError("expected a duration such as 5s")
+
+    @field_validator("fault_points")
+    @classmethod
+    def _faults(cls, value: str) -> str:
+        from runner.faults import POINTS
+
+        unknown = {p for p in value.split(",") if p} - POINTS
+        if unknown:
+            raise ValueError(f"unknown fault points {sorted(unknown)}; known: {sorted(POINTS)}")
+        return value
 
     @field_validator("container_user")
     @classmethod

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from sqlalchemy import Engine, Executable, create_engine, event, func, select, text, update
 from sqlalchemy.engine import CursorResult
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,6 +62,9 @@ class NewRun:
     max_attempts: int
     manifest_revision: str
     labels: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    replay_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,13 @@ class Run:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    next_attempt_at: datetime | None = None
+    lease_expires_at: datetime | None = None
+    cancel_requested_at: datetime | None = None
+    error_stage: str | None = None
+    replay_of: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
 
     @classmethod
     def from_row(cls, row: RunRow) -> Run:
@@ -102,6 +112,11 @@ class Run:
             manifest_revision=row.manifest_revision, log_bytes=row.log_bytes,
             log_truncated=row.log_truncated, created_at=_aware(row.created_at) or utcnow(),
             started_at=_aware(row.started_at), finished_at=_aware(row.finished_at),
+            next_attempt_at=_aware(row.next_attempt_at),
+            lease_expires_at=_aware(row.lease_expires_at),
+            cancel_requested_at=_aware(row.cancel_requested_at), error_stage=row.error_stage,
+            replay_of=row.replay_of, idempotency_key=row.idempotency_key,
+            request_hash=row.request_hash,
         )
 
 
@@ -114,15 +129,17 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class Finish:
-    """The terminal record of one attempt."""
+    """How one attempt ended and what the run becomes (QUEUED when it will be retried)."""
 
     status: RunStatus
     exit_code: int | None = None
     error_code: str | None = None
     error_message: str | None = None
+    error_stage: str | None = None
     result: Any = None
     log_bytes: int = 0
     log_truncated: bool = False
+    next_attempt_at: datetime | None = None
 
 
 KEY_PREFIX = "rk_"
@@ -179,17 +196,43 @@ class Store:
 
     # Runs ------------------------------------------------------------------
 
-    def create_run(self, new: NewRun) -> Run:
+    def create_run(self, new: NewRun) -> tuple[Run, bool]:
+        """Insert a queued run; with an idempotency key, the tenant's existing run wins.
+
+        Returns the run and whether this call created it. Of concurrent calls with one
+        key exactly one inserts (a unique constraint decides); the others get that run.
+
+        Raises:
+            InvalidRequestError: the key was used before with a different request.
+        """
         row = RunRow(
             id=new_run_id(), tenant=new.tenant, status=RunStatus.QUEUED.value,
             processor=new.processor, version=new.version, image=new.image, queue=new.queue,
             input=new.input, labels=new.labels, timeout_seconds=new.timeout_seconds,
             attempt=0, max_attempts=new.max_attempts, manifest_revision=new.manifest_revision,
             log_bytes=0, log_truncated=False, created_at=utcnow(),
+            idempotency_key=new.idempotency_key, request_hash=new.request_hash,
+            replay_of=new.replay_of,
         )
+        try:
+            with self.session() as session:
+                session.add(row)
+            return Run.from_row(row), True
+        except IntegrityError:
+            if new.idempotency_key is None:
+                raise
         with self.session() as session:
-            session.add(row)
-        return Run.from_row(row)
+            existing = session.scalar(select(RunRow).where(
+                RunRow.tenant == new.tenant, RunRow.idempotency_key == new.idempotency_key))
+            if existing is None:  # deleted in between: vanishingly rare, and safe to refuse
+                raise InvalidRequestError("idempotency key conflict; retry the request",
+                                          field="Idempotency-Key")
+            run = Run.from_row(existing)
+        if run.request_hash != new.request_hash:
+            raise InvalidRequestError(
+                "this Idempotency-Key was used with a different request body",
+                field="Idempotency-Key")
+        return run, False
 
     def get_run(self, run_id: str, *, tenant: str | None = None) -> Run | None:
         """The run, or None if it does not exist or belongs to another tenant."""
@@ -217,30 +260,6 @@ class Store:
         runs = [Run.from_row(r) for r in rows[:limit]]
         next_cursor = encode_cursor(runs[-1].id) if len(rows) > limit else None
         return runs, next_cursor
-
-    def claim(self, run_id: str, *, worker_id: str) -> Run | None:
-        """Move a queued run to running as its next attempt; None if another claim won.
-
-        A single conditional UPDATE, so of any number of concurrent claims exactly one
-        sees a row change.
-        """
-        now = utcnow()
-        with self.session() as session:
-            changed = _changed(session,
-                update(RunRow)
-                .where(RunRow.id == run_id, RunRow.status == RunStatus.QUEUED.value)
-                .values(status=RunStatus.RUNNING.value, attempt=RunRow.attempt + 1,
-                        worker_id=worker_id, started_at=now, error_code=None,
-                        error_message=None, exit_code=None)
-                .execution_options(synchronize_session=False)
-            )
-            if changed != 1:
-                return None
-            row = session.get(RunRow, run_id)
-            assert row is not None
-            session.add(AttemptRow(run_id=run_id, number=row.attempt, worker_id=worker_id,
-                                   status=RunStatus.RUNNING.value, started_at=now))
-            return Run.from_row(row)
 
     def record_container(self, run_id: str, attempt: int, *, container_id: str,
                          image_id: str) -> None:
@@ -291,34 +310,6 @@ class Store:
                 .where(LogChunkRow.run_id == run_id))
         return int(total or 0)
 
-    def finish(self, run_id: str, attempt: int, outcome: Finish) -> bool:
-        """Record the terminal state of an attempt; False if the attempt lost the run."""
-        now = utcnow()
-        values: dict[str, Any] = {
-            "status": outcome.status.value, "exit_code": outcome.exit_code,
-            "error_code": outcome.error_code, "error_message": outcome.error_message,
-            "result": outcome.result, "log_truncated": outcome.log_truncated,
-            "finished_at": now,
-        }
-        with self.session() as session:
-            changed = _changed(session,
-                update(RunRow)
-                .where(RunRow.id == run_id, RunRow.attempt == attempt,
-                       RunRow.status == RunStatus.RUNNING.value)
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
-            if changed != 1:
-                return False
-            session.execute(
-                update(AttemptRow)
-                .where(AttemptRow.run_id == run_id, AttemptRow.number == attempt)
-                .values(status=outcome.status.value, exit_code=outcome.exit_code,
-                        error_code=outcome.error_code, error_message=outcome.error_message,
-                        log_bytes=outcome.log_bytes, finished_at=now)
-            )
-            return True
-
     def attempts(self, run_id: str) -> list[dict[str, Any]]:
         with self.session() as session:
             rows = session.scalars(select(AttemptRow).where(AttemptRow.run_id == run_id)
@@ -327,7 +318,8 @@ class Store:
                 {"number": r.number, "worker_id": r.worker_id, "status": r.status,
                  "container_id": r.container_id, "image_id": r.image_id,
                  "exit_code": r.exit_code, "error_code": r.error_code,
-                 "error_message": r.error_message, "log_bytes": r.log_bytes,
+                 "error_message": r.error_message, "error_stage": r.error_stage,
+                 "log_bytes": r.log_bytes,
                  "started_at": _aware(r.started_at), "finished_at": _aware(r.finished_at)}
                 for r in rows
             ]

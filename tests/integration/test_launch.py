@@ -14,6 +14,7 @@ import structlog
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import DockerUnavailableError
 from runner.executor import Executor
+from runner.lifecycle import Lifecycle
 from runner.manifest import ManifestSource
 from runner.publish import publish
 from runner.queue import RunQueue
@@ -41,22 +42,24 @@ def test_repinned_manifest_makes_the_worker_refuse(
     repinned["echo"] = {**published["echo"], "image": published["exit"]["image"]}
     write_manifest(path, repinned)
 
-    executor = Executor(store=store, manifests=manifests,
-                        sandbox=Sandbox.from_env(sandbox_config(settings)),
+    executor = Executor(store=store, lifecycle=Lifecycle(store), manifests=manifests,
+                        sandbox=Sandbox.from_env(sandbox_config(settings)), queue=parked,
                         worker_id=f"inproc-{SESSION}")
-    assert executor.execute(run.id) is RunStatus.DEAD_LETTER
+    assert executor.execute(run.id, 1) is RunStatus.DEAD_LETTER
     final = store.get_run(run.id)
     assert final is not None
     assert (final.status, final.error_code) == (RunStatus.DEAD_LETTER,
                                                 ErrorCode.IMAGE_NOT_ALLOWED)
     assert "no longer allowlisted" in (final.error_message or "")
+    assert final.error_stage == "launch"
     # Nothing was started: no container event at all carries this run's label.
     events = list(docker_client.events(since=since, until=int(time.time()) + 1, decode=True,
                                        filters={"label": f"{RUN_LABEL}={run.id}"}))
     assert events == []
     assert store.attempts(run.id)[0]["container_id"] is None
     # A second execution of the same run cannot claim it again.
-    assert executor.execute(run.id) is None
+    assert executor.execute(run.id, 1) is None
+    assert executor.execute(run.id, 2) is None
 
 
 def test_first_run_of_a_missing_image_pulls_it_by_digest(

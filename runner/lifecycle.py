@@ -1,0 +1,245 @@
+"""The run state machine: every change of a run's status goes through this module.
+
+Each change is one conditional UPDATE that names the states it may leave, so an
+invalid transition changes nothing and is logged, and concurrent actors (workers,
+the reconciler, the API) cannot both win. Writes of an attempt are fenced by its
+attempt number: a stalled worker's late write matches no row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import structlog
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from runner.domain import ErrorCode, RunStatus
+from runner.errors import ConflictError, NotFoundError
+from runner.models import AttemptRow, RunRow, SlotRow
+from runner.store import Finish, Run, Store, _changed, utcnow
+
+log = structlog.get_logger(__name__)
+
+Q, R = RunStatus.QUEUED, RunStatus.RUNNING
+ALLOWED: dict[RunStatus, frozenset[RunStatus]] = {
+    Q: frozenset({R, RunStatus.CANCELED, RunStatus.DEAD_LETTER}),
+    R: frozenset({Q, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.TIMED_OUT,
+                  RunStatus.CANCELED, RunStatus.DEAD_LETTER}),
+    **{s: frozenset() for s in RunStatus if s.terminal},
+}
+
+
+def sources(target: RunStatus) -> list[str]:
+    """The states a run may be in to move to `target`."""
+    return [s.value for s, targets in ALLOWED.items() if target in targets]
+
+
+class ClaimStatus(StrEnum):
+    CLAIMED = "claimed"
+    NOT_DUE = "not_due"          # still waiting out its backoff
+    AT_CAPACITY = "at_capacity"  # the processor's max_concurrency is reached
+    GONE = "gone"                # another attempt, a cancel, or an end got there first
+
+
+@dataclass(frozen=True)
+class Claim:
+    status: ClaimStatus
+    run: Run | None = None
+    retry_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    owned: bool
+    cancel_requested: bool
+
+
+class Lifecycle:
+    """Status changes of runs, on top of a `Store`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def _refused(self, session: Session, run_id: str, target: RunStatus, **context: Any) -> None:
+        current = session.get(RunRow, run_id)
+        log.info("transition_refused", run_id=run_id, target=target,
+                 current=current.status if current else "missing",
+                 attempt=current.attempt if current else None, **context)
+
+    def claim(self, run_id: str, *, attempt: int, worker_id: str, lease_seconds: float,
+              max_concurrency: int | None = None) -> Claim:
+        """Start attempt `attempt` of a queued run; only one claim can ever win it."""
+        now = utcnow()
+        with self.store.session() as session:
+            row = session.get(RunRow, run_id)
+            if (row is None or row.status != Q.value or row.attempt != attempt - 1
+                    or row.cancel_requested_at is not None):
+                return Claim(ClaimStatus.GONE)
+            due = row.next_attempt_at
+            if due is not None and due.replace(tzinfo=now.tzinfo) > now:
+                return Claim(ClaimStatus.NOT_DUE, retry_at=due.replace(tzinfo=now.tzinfo))
+            processor = row.processor
+        if max_concurrency is not None and not self._take_slot(
+                run_id, processor=processor, attempt=attempt, cap=max_concurrency):
+            return Claim(ClaimStatus.AT_CAPACITY, retry_at=now + timedelta(seconds=1))
+        with self.store.session() as session:
+            changed = _changed(session, update(RunRow).where(
+                RunRow.id == run_id, RunRow.status == Q.value, RunRow.attempt == attempt - 1,
+                RunRow.cancel_requested_at.is_(None),
+            ).values(status=R.value, attempt=attempt, worker_id=worker_id, started_at=now,
+                     lease_expires_at=now + timedelta(seconds=lease_seconds),
+                     next_attempt_at=None, error_code=None, error_message=None,
+                     error_stage=None, exit_code=None, finished_at=None)
+              .execution_options(synchronize_session=False))
+            if changed != 1:
+                session.execute(delete(SlotRow).where(SlotRow.run_id == run_id,
+                                                      SlotRow.attempt == attempt))
+                return Claim(ClaimStatus.GONE)
+            session.add(AttemptRow(run_id=run_id, number=attempt, worker_id=worker_id,
+                                   status=R.value, started_at=now))
+            row = session.get(RunRow, run_id)
+            assert row is not None
+            return Claim(ClaimStatus.CLAIMED, run=Run.from_row(row))
+
+    def _take_slot(self, run_id: str, *, processor: str, attempt: int, cap: int) -> bool:
+        """Hold one of the processor's `cap` slots; the table's primary key is the lock."""
+        self.release_stale_slots(processor)
+        for slot in range(cap):
+            try:
+                with self.store.session() as session:
+                    session.add(SlotRow(processor=processor, slot=slot, run_id=run_id,
+                                        attempt=attempt))
+                return True
+            except IntegrityError:
+                continue
+        return False
+
+    def release_stale_slots(self, processor: str | None = None) -> int:
+        """Free slots whose attempt is not running any more (a crash between steps)."""
+        with self.store.session() as session:
+            live = select(RunRow.id).where(RunRow.status == R.value,
+                                           RunRow.id == SlotRow.run_id,
+                                           RunRow.attempt == SlotRow.attempt)
+            query = delete(SlotRow).where(~live.exists())
+            if processor is not None:
+                query = query.where(SlotRow.processor == processor)
+            # A slot taken this instant belongs to a claim still in progress.
+            return _changed(session, query.execution_options(synchronize_session=False))
+
+    def heartbeat(self, run_id: str, attempt: int, *, lease_seconds: float) -> Heartbeat:
+        """Renew the attempt's lease; tells whether it is still ours and if cancel came."""
+        now = utcnow()
+        with self.store.session() as session:
+            changed = _changed(session, update(RunRow).where(
+                RunRow.id == run_id, RunRow.attempt == attempt, RunRow.status == R.value,
+            ).values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+              .execution_options(synchronize_session=False))
+            if changed != 1:
+                return Heartbeat(owned=False, cancel_requested=False)
+            cancel = session.scalar(select(RunRow.cancel_requested_at)
+                                    .where(RunRow.id == run_id))
+            return Heartbeat(owned=True, cancel_requested=cancel is not None)
+
+    def finish(self, run_id: str, attempt: int, outcome: Finish, *,
+               only_if_lease_expired: bool = False) -> bool:
+        """Record how attempt `attempt` ended; False (and nothing changed) if it lost the run."""
+        now = utcnow()
+        conditions = [RunRow.id == run_id, RunRow.attempt == attempt,
+                      RunRow.status.in_(sources(outcome.status)), RunRow.status == R.value]
+        if only_if_lease_expired:
+            conditions.append(RunRow.lease_expires_at < now)
+        terminal = outcome.status.terminal
+        values: dict[str, Any] = {
+            "status": outcome.status.value, "exit_code": outcome.exit_code,
+            "error_code": outcome.error_code, "error_message": outcome.error_message,
+            "error_stage": outcome.error_stage, "result": outcome.result,
+            "log_truncated": RunRow.log_truncated | outcome.log_truncated,
+            "lease_expires_at": None, "next_attempt_at": outcome.next_attempt_at,
+            "finished_at": now if terminal else None,
+        }
+        with self.store.session() as session:
+            if _changed(session, update(RunRow).where(*conditions).values(**values)
+                        .execution_options(synchronize_session=False)) != 1:
+                self._refused(session, run_id, outcome.status, attempt=attempt)
+                return False
+            session.execute(update(AttemptRow).where(
+                AttemptRow.run_id == run_id, AttemptRow.number == attempt,
+            ).values(status=RunStatus.FAILED.value if outcome.status is Q
+                     else outcome.status.value,
+                     exit_code=outcome.exit_code, error_code=outcome.error_code,
+                     error_message=outcome.error_message, error_stage=outcome.error_stage,
+                     log_bytes=outcome.log_bytes, finished_at=now))
+            session.execute(delete(SlotRow).where(SlotRow.run_id == run_id,
+                                                  SlotRow.attempt == attempt))
+            return True
+
+    def end_queued(self, run_id: str, target: RunStatus, *, error_code: ErrorCode,
+                   message: str, stage: str) -> bool:
+        """End a run that never started (cancel, or a submission that cannot be queued)."""
+        with self.store.session() as session:
+            changed = _changed(session, update(RunRow).where(
+                RunRow.id == run_id, RunRow.status == Q.value,
+                RunRow.status.in_(sources(target)),
+            ).values(status=target.value, error_code=error_code.value, error_message=message,
+                     error_stage=stage, finished_at=utcnow(), next_attempt_at=None)
+              .execution_options(synchronize_session=False))
+            if changed != 1:
+                self._refused(session, run_id, target)
+            return changed == 1
+
+    def cancel(self, run_id: str, *, tenant: str | None) -> Run:
+        """Cancel a run: a queued one ends at once, a running one is stopped by its worker.
+
+        Raises:
+            NotFoundError: no such run for this tenant.
+            ConflictError: the run has already ended.
+        """
+        run = self.store.get_run(run_id, tenant=tenant)
+        if run is None:
+            raise NotFoundError(f"no run {run_id}")
+        if run.status.terminal:
+            raise ConflictError(f"run {run_id} already ended as {run.status}",
+                                status=run.status)
+        if run.status is Q and self.end_queued(run_id, RunStatus.CANCELED,
+                                               error_code=ErrorCode.CANCELED,
+                                               message="canceled before it started",
+                                               stage="queue"):
+            log.info("run_canceled", run_id=run_id, was="queued")
+        else:
+            # Running (or it started a moment ago): its worker sees the request on its
+            # next heartbeat and stops the container within the grace period.
+            with self.store.session() as session:
+                changed = _changed(session, update(RunRow).where(
+                    RunRow.id == run_id, RunRow.status == R.value,
+                    RunRow.cancel_requested_at.is_(None),
+                ).values(cancel_requested_at=utcnow())
+                  .execution_options(synchronize_session=False))
+            if changed:
+                log.info("run_cancel_requested", run_id=run_id)
+        current = self.store.get_run(run_id)
+        assert current is not None
+        return current
+
+    # Queries for the reconciler ------------------------------------------------
+
+    def expired_leases(self, *, now: datetime | None = None) -> list[Run]:
+        now = now or utcnow()
+        with self.store.session() as session:
+            rows = session.scalars(select(RunRow).where(
+                RunRow.status == R.value,
+                or_(RunRow.lease_expires_at.is_(None), RunRow.lease_expires_at < now)))
+            return [Run.from_row(r) for r in rows]
+
+    def due_queued(self, *, older_than: datetime) -> list[Run]:
+        """Queued runs that should be in Redis by now (due, and not brand new)."""
+        with self.store.session() as session:
+            rows = session.scalars(select(RunRow).where(
+                RunRow.status == Q.value, RunRow.cancel_requested_at.is_(None),
+                or_(and_(RunRow.next_attempt_at.is_(None), RunRow.created_at < older_than),
+                    RunRow.next_attempt_at < older_than)))
+            return [Run.from_row(r) for r in rows]
