@@ -225,6 +225,14 @@ class Executor:
                 RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="shutdown",
                 error_message="the worker shut down before the run finished"))
             raise
+        except ServiceUnavailableError as exc:
+            # The database went away mid-attempt: the container is gone (the sandbox
+            # removes it on the way out); retry it like a lost worker when allowed.
+            guard.stop()
+            bound.warning("attempt_lost_database", error=exc.message)
+            return self._record(run, policy, Finish(
+                RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="database",
+                error_message=f"the database was unavailable mid-attempt: {exc.message}"))
         except Exception as exc:
             guard.stop()
             bound.exception("attempt_crashed")
@@ -263,9 +271,12 @@ class Executor:
         writer = LogWriter(self.store, run.id, run.attempt, self.store.log_offset(run.id))
 
         def started(container_id: str, image_id: str) -> None:
-            self.store.record_container(run.id, run.attempt, container_id=container_id,
-                                        image_id=image_id)
             guard.on_start(container_id)
+            try:
+                self.store.record_container(run.id, run.attempt, container_id=container_id,
+                                            image_id=image_id)
+            except ServiceUnavailableError as exc:  # provenance only; the run goes on
+                log.warning("record_container_failed", run_id=run.id, error=exc.message)
 
         began = time.monotonic()
         try:

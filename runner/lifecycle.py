@@ -108,27 +108,28 @@ class Lifecycle:
 
     def _take_slot(self, run_id: str, *, processor: str, attempt: int, cap: int) -> bool:
         """Hold one of the processor's `cap` slots; the table's primary key is the lock."""
-        self.release_stale_slots(processor)
         for slot in range(cap):
             try:
                 with self.store.session() as session:
                     session.add(SlotRow(processor=processor, slot=slot, run_id=run_id,
-                                        attempt=attempt))
+                                        attempt=attempt, taken_at=utcnow()))
                 return True
             except IntegrityError:
                 continue
         return False
 
-    def release_stale_slots(self, processor: str | None = None) -> int:
-        """Free slots whose attempt is not running any more (a crash between steps)."""
+    def release_stale_slots(self, *, older_than_seconds: float = 60) -> int:
+        """Free slots whose attempt is not running (a worker died between two steps).
+
+        Only old slots: a slot taken a moment ago belongs to a claim still in progress
+        whose run is not marked running yet.
+        """
+        cutoff = utcnow() - timedelta(seconds=older_than_seconds)
         with self.store.session() as session:
             live = select(RunRow.id).where(RunRow.status == R.value,
                                            RunRow.id == SlotRow.run_id,
                                            RunRow.attempt == SlotRow.attempt)
-            query = delete(SlotRow).where(~live.exists())
-            if processor is not None:
-                query = query.where(SlotRow.processor == processor)
-            # A slot taken this instant belongs to a claim still in progress.
+            query = delete(SlotRow).where(~live.exists(), SlotRow.taken_at < cutoff)
             return _changed(session, query.execution_options(synchronize_session=False))
 
     def heartbeat(self, run_id: str, attempt: int, *, lease_seconds: float) -> Heartbeat:

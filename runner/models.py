@@ -84,6 +84,7 @@ class SlotRow(Base):
     slot: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[str] = mapped_column(String(36))
     attempt: Mapped[int] = mapped_column(Integer)
+    taken_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class AttemptRow(Base):

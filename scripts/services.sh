@@ -3,7 +3,7 @@
 #   Redis       127.0.0.1:${RUNNER_REDIS_PORT:-6390}
 #   PostgreSQL  127.0.0.1:${RUNNER_PG_PORT:-5439}  (database "runner", user "runner")
 #   registry    127.0.0.1:${RUNNER_REGISTRY_PORT:-5000}
-# Usage: scripts/services.sh start|stop [redis] [postgres] [registry] | status
+# Usage: scripts/services.sh start|stop|restart [redis] [postgres] [registry] | status
 # Idempotent: a service that already answers is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -105,6 +105,9 @@ case "$cmd" in
     services=("$@")
     [ ${#services[@]} -eq 0 ] && services=(redis postgres registry)
     for s in "${services[@]}"; do "stop_$s"; done
+    ;;
+  restart)
+    for s in "$@"; do "stop_$s"; "start_$s"; done
     ;;
   status)
     for pair in "redis:$REDIS_PORT" "postgres:$PG_PORT" "registry:$REGISTRY_PORT"; do

@@ -23,6 +23,7 @@ def upgrade() -> None:
     sa.Column('slot', sa.Integer(), nullable=False),
     sa.Column('run_id', sa.String(length=36), nullable=False),
     sa.Column('attempt', sa.Integer(), nullable=False),
+    sa.Column('taken_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('processor', 'slot')
     )
     with op.batch_alter_table('attempts', schema=None) as batch_op:

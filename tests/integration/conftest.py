@@ -115,24 +115,26 @@ def redis_client() -> redis.Redis:
 
 
 def child_env(settings: Settings, **extra: str) -> dict[str, str]:
-    return {**os.environ, "RUNNER_DATABASE_URL": settings.database_url,
-            "RUNNER_REDIS_URL": settings.redis_url, "RUNNER_MANIFEST": str(settings.manifest),
-            "RUNNER_QUEUE": settings.queue, "RUNNER_REGISTRY": settings.registry,
-            "RUNNER_STOP_GRACE_SECONDS": str(settings.stop_grace_seconds),
-            "RUNNER_WORKER_ID": settings.worker_id, "RUNNER_LOG_FORMAT": "json", **extra}
+    names = ("database_url", "redis_url", "manifest", "queue", "registry",
+             "stop_grace_seconds", "worker_id", "lease_seconds", "heartbeat_seconds",
+             "drain_timeout_seconds", "reconcile_interval_seconds", "reconcile_grace_seconds")
+    values = {f"RUNNER_{n.upper()}": str(getattr(settings, n)) for n in names}
+    return {**os.environ, **values, "RUNNER_LOG_FORMAT": "json", **extra}
 
 
 class WorkerProcess:
     """A real `runner worker` process, its log file and its pid."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path, *, args: list[str] | None = None,
+                 env: dict[str, str] | None = None, wait_started: bool = True) -> None:
         self.log_path = log_path
         self._out = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "runner", "worker"], cwd=ROOT, env=child_env(settings),
+            [sys.executable, "-m", "runner", "worker", *(args or [])], cwd=ROOT,
+            env={**child_env(settings), **(env or {})},
             stdout=self._out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
-        while b"worker_started" not in log_path.read_bytes():
+        while wait_started and b"worker_started" not in log_path.read_bytes():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not start: {log_path.read_text()[-2000:]}")
             time.sleep(0.1)
@@ -143,7 +145,20 @@ class WorkerProcess:
                 return int(line.split()[1])
         raise RuntimeError(f"{field} not in /proc status")
 
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, sig: int = 9) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        if sig == 9:
+            self.process.wait(10)
+
     def stop(self) -> None:
+        if self.process.poll() is not None:
+            self._out.close()
+            return
+        self.process.send_signal(18)  # SIGCONT, in case a test left it stopped
         self.process.terminate()
         try:
             self.process.wait(30)
@@ -227,3 +242,113 @@ def session_containers(client: docker.DockerClient) -> list[Any]:
     """Runner containers made by this test session (its workers carry SESSION in the id)."""
     return [c for c in client.containers.list(all=True, filters={"label": MANAGED_LABEL})
             if SESSION in c.labels.get(WORKER_LABEL, "")]
+
+
+# Reliability fixtures: their own Redis server (so it can be flushed and restarted
+# without touching anything else), short leases, and workers started per test.
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port, with no persistence."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = _free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def rel_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+def rel_entries(published: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The reliability suite's processors: sample images under retry policies."""
+    def like(image_of: str, **entry: Any) -> dict[str, Any]:
+        base = published[image_of]
+        return {"image": base["image"], "version": "1.0.0",
+                "limits": {**base.get("limits", {}), **entry.pop("limits", {})}, **entry}
+
+    fast = {"initial": "100ms", "max": "300ms"}
+    return {
+        "echo": like("echo", name="echo",
+                     retry={"max_attempts": 3, "backoff": fast, "on": ["worker_lost"]}),
+        "slow": like("sleep", name="slow", retry={"max_attempts": 4, "backoff": fast,
+                                                  "on": ["worker_lost", "docker_unavailable"]}),
+        "exit": like("exit", name="exit",
+                     retry={"max_attempts": 3, "backoff": fast, "on": ["exit:75"]}),
+        "fixme": like("exit", name="fixme",
+                      retry={"max_attempts": 2, "backoff": fast, "on": ["exit:75"]}),
+        "flaky-timeout": like("sleep", name="flaky-timeout", limits={"timeout": "1s"},
+                              retry={"max_attempts": 2,
+                                     "backoff": {"initial": "2s", "max": "2s"},
+                                     "on": ["timeout"]}),
+        "capped": like("sleep", name="capped", max_concurrency=2),
+        "docker-flaky": like("echo", name="docker-flaky",
+                             retry={"max_attempts": 5, "backoff": {"initial": "1s",
+                                                                   "max": "1s"},
+                                    "on": ["docker_unavailable"]}),
+    }
+
+
+@pytest.fixture(scope="session")
+def rel_manifest(tmp_path_factory: pytest.TempPathFactory,
+                 published: dict[str, dict[str, Any]]) -> Path:
+    return write_manifest(tmp_path_factory.mktemp("rel") / "manifest.yaml",
+                          rel_entries(published))
+
+
+@pytest.fixture(scope="session")
+def rel_settings(database_url: str, rel_manifest: Path, rel_redis: RedisServer) -> Settings:
+    return load_settings(database_url=database_url, redis_url=rel_redis.url,
+                         manifest=rel_manifest, queue=f"rel-{SESSION}", registry=REGISTRY,
+                         stop_grace_seconds=1, worker_id=f"rel-{SESSION}", log_format="json",
+                         lease_seconds=3, heartbeat_seconds=0.5, drain_timeout_seconds=3,
+                         reconcile_interval_seconds=1, reconcile_grace_seconds=1)
+
+
+@pytest.fixture
+def start_worker(rel_settings: Settings, tmp_path: Path
+                 ) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real worker processes on the reliability queue; all stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def go(name: str = "w", *, args: list[str] | None = None,
+           env: dict[str, str] | None = None, wait_started: bool = True) -> WorkerProcess:
+        settings = rel_settings.model_copy(update={"worker_id": f"rel-{SESSION}-{name}"})
+        process = WorkerProcess(settings, tmp_path / f"{name}.log", args=args, env=env,
+                                wait_started=wait_started)
+        started.append(process)
+        return process
+
+    yield go
+    for process in started:
+        process.stop()

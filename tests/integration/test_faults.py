@@ -1,0 +1,204 @@
+"""Faults injected into real processes; each test asserts the end state.
+
+Workers here run on their own Redis server with 3 s leases, a 1 s reconcile
+interval and grace, so recoveries take seconds.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+import docker
+
+from runner.domain import ErrorCode, RunStatus
+from runner.queue import RunQueue
+from runner.settings import Settings
+from runner.store import Store
+from runner.worker import build_reconciler
+from tests.integration.conftest import RedisServer, WorkerProcess, containers_of
+from tests.integration.reliability import running_container, submit_rel, wait_for, wait_terminal
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+def test_sigkill_worker_mid_run(start_worker: StartWorker, store: Store,
+                                rel_settings: Settings,
+                                docker_client: docker.DockerClient) -> None:
+    first = start_worker("a")
+    run = submit_rel(store, rel_settings, "slow", {"seconds": 3})
+    orphan = running_container(docker_client, run.id)
+    first.kill(signal.SIGKILL)
+    killed_at = time.monotonic()
+    start_worker("b")
+    final = wait_terminal(store, run.id)
+    recovered_after = time.monotonic() - killed_at
+    assert final.status is RunStatus.SUCCEEDED, final
+    assert final.attempt == 2
+    attempts = store.attempts(run.id)
+    assert [a["error_code"] for a in attempts] == [ErrorCode.WORKER_LOST, None]
+    assert attempts[0]["error_stage"] == "lease"
+    # The orphan was killed before the retry started, and nothing is left.
+    assert orphan.id != attempts[1]["container_id"]
+    assert containers_of(docker_client, run.id) == []
+    assert recovered_after < 60, recovered_after  # 3 s lease + 1 s reconcile + 3 s run
+
+
+def test_sigkill_between_dequeue_and_claim(start_worker: StartWorker, store: Store,
+                                           rel_settings: Settings) -> None:
+    doomed = start_worker("doomed", env={"RUNNER_FAULT_POINTS": "before_claim"})
+    run = submit_rel(store, rel_settings, "echo", {"message": "survive"})
+    doomed.process.wait(30)
+    assert "fault_injected" in doomed.log()
+    assert store.get_run(run.id).status is RunStatus.QUEUED  # type: ignore[union-attr]
+    start_worker("rescuer")
+    final = wait_terminal(store, run.id)
+    assert (final.status, final.attempt) == (RunStatus.SUCCEEDED, 1)
+    assert len(store.attempts(run.id)) == 1
+
+
+def test_sigkill_after_container_exit_before_record(
+        start_worker: StartWorker, store: Store, rel_settings: Settings,
+        docker_client: docker.DockerClient) -> None:
+    doomed = start_worker("doomed", env={"RUNNER_FAULT_POINTS": "after_container_exit"})
+    run = submit_rel(store, rel_settings, "echo", {"message": "twice?"})
+    doomed.process.wait(30)
+    assert "fault_injected" in doomed.log()
+    assert store.get_run(run.id).status is RunStatus.RUNNING  # type: ignore[union-attr]
+    start_worker("rescuer")
+    final = wait_terminal(store, run.id)
+    assert (final.status, final.attempt) == (RunStatus.SUCCEEDED, 2)
+    assert [a["error_code"] for a in store.attempts(run.id)] == [ErrorCode.WORKER_LOST, None]
+    assert containers_of(docker_client, run.id) == []
+
+
+def test_same_run_enqueued_twice_runs_once(start_worker: StartWorker, store: Store,
+                                           rel_settings: Settings) -> None:
+    run = submit_rel(store, rel_settings, "echo", {"message": "once"})
+    queue = RunQueue.from_url(rel_settings.redis_url)
+    queue.enqueue(run)
+    queue.enqueue(run)
+    worker = start_worker("solo")
+    final = wait_terminal(store, run.id)
+    assert (final.status, final.attempt) == (RunStatus.SUCCEEDED, 1)
+    assert len(store.attempts(run.id)) == 1
+    time.sleep(1)
+    assert worker.log().count('"event": "run_claimed"') == 1
+
+
+def test_sigstop_past_the_lease_then_sigcont(start_worker: StartWorker, store: Store,
+                                             rel_settings: Settings,
+                                             docker_client: docker.DockerClient) -> None:
+    worker = start_worker("sleepy")
+    run = submit_rel(store, rel_settings, "slow", {"seconds": 4})
+    first = running_container(docker_client, run.id)
+    worker.kill(signal.SIGSTOP)
+    time.sleep(rel_settings.lease_seconds + 1)
+    report = build_reconciler(rel_settings, store=store).run_once()
+    assert run.id in report.expired
+    assert first.id not in [c.id for c in containers_of(docker_client, run.id)]
+    worker.kill(signal.SIGCONT)
+    final = wait_terminal(store, run.id)
+    assert (final.status, final.attempt) == (RunStatus.SUCCEEDED, 2)
+    attempts = store.attempts(run.id)
+    assert [a["error_code"] for a in attempts] == [ErrorCode.WORKER_LOST, None]
+    # The stalled worker's late writes for attempt 1 changed nothing.
+    assert attempts[0]["status"] == "failed" and attempts[0]["error_stage"] == "lease"
+    deadline = time.monotonic() + 15
+    while not any(e in worker.log() for e in ("attempt_abandoned", "run_finish_fenced_off")):
+        assert time.monotonic() < deadline, worker.log()
+        time.sleep(0.1)
+
+
+def test_redis_flushall_with_queued_and_running_runs(start_worker: StartWorker, store: Store,
+                                                     rel_settings: Settings,
+                                                     rel_redis: RedisServer) -> None:
+    start_worker("flush")
+    running = submit_rel(store, rel_settings, "slow", {"seconds": 2})
+    wait_for(store, running.id, RunStatus.RUNNING)
+    queued = [submit_rel(store, rel_settings, "echo", {"message": str(i)}) for i in range(3)]
+    import redis as redis_lib
+
+    redis_lib.Redis.from_url(rel_redis.url).flushall()
+    for run in [running, *queued]:
+        final = wait_terminal(store, run.id, timeout=90)
+        assert final.status is RunStatus.SUCCEEDED, final
+        assert len(store.attempts(run.id)) == 1
+
+
+def test_redis_restarted(start_worker: StartWorker, store: Store, rel_settings: Settings,
+                         rel_redis: RedisServer) -> None:
+    start_worker("restart")
+    running = submit_rel(store, rel_settings, "slow", {"seconds": 2})
+    wait_for(store, running.id, RunStatus.RUNNING)
+    queued = submit_rel(store, rel_settings, "echo", {"message": "after restart"})
+    rel_redis.stop()
+    time.sleep(1)
+    rel_redis.start()
+    for run in (running, queued):
+        final = wait_terminal(store, run.id, timeout=90)
+        assert final.status is RunStatus.SUCCEEDED, final
+    later = submit_rel(store, rel_settings, "echo", {"message": "still serving"})
+    assert wait_terminal(store, later.id, timeout=90).status is RunStatus.SUCCEEDED
+
+
+def test_postgres_restarted_mid_run(start_worker: StartWorker, store: Store,
+                                    rel_settings: Settings) -> None:
+    worker = start_worker("pg")
+    run = submit_rel(store, rel_settings, "slow", {"seconds": 3})
+    wait_for(store, run.id, RunStatus.RUNNING)
+    restart = subprocess.run(["bash", "scripts/services.sh", "restart", "postgres"],
+                             capture_output=True, text=True, timeout=120)
+    assert restart.returncode == 0, restart.stderr
+    final = wait_terminal(store, run.id, timeout=120)
+    assert final.status is RunStatus.SUCCEEDED, (final.error_stage, final.error_message,
+                                                 worker.log()[-3000:])
+
+
+def test_sigterm_drains_the_current_run(start_worker: StartWorker, store: Store,
+                                        rel_settings: Settings) -> None:
+    worker = start_worker("drain")
+    run = submit_rel(store, rel_settings, "slow", {"seconds": 2})
+    wait_for(store, run.id, RunStatus.RUNNING)
+    worker.kill(signal.SIGTERM)
+    assert worker.process.wait(30) == 0
+    final = store.get_run(run.id)
+    assert final is not None
+    assert (final.status, final.attempt) == (RunStatus.SUCCEEDED, 1)
+
+
+def test_drain_timeout_hands_the_run_back(start_worker: StartWorker, store: Store,
+                                          rel_settings: Settings,
+                                          docker_client: docker.DockerClient) -> None:
+    worker = start_worker("slowdrain")
+    run = submit_rel(store, rel_settings, "slow", {"seconds": 3600})
+    running_container(docker_client, run.id)
+    worker.kill(signal.SIGTERM)
+    worker.process.wait(60)  # drain timeout is 3 s
+    handed_back = wait_for(store, run.id, RunStatus.QUEUED, attempt=1, timeout=30)
+    assert handed_back.error_code == ErrorCode.WORKER_LOST
+    assert handed_back.error_stage == "shutdown"
+    assert containers_of(docker_client, run.id) == []
+    from runner.lifecycle import Lifecycle
+
+    Lifecycle(store).cancel(run.id, tenant=None)
+
+
+def test_second_sigterm_stops_at_once(start_worker: StartWorker, store: Store,
+                                      rel_settings: Settings,
+                                      docker_client: docker.DockerClient) -> None:
+    worker = start_worker("impatient")
+    run = submit_rel(store, rel_settings, "slow", {"seconds": 3600})
+    running_container(docker_client, run.id)
+    worker.kill(signal.SIGTERM)
+    time.sleep(1.5)  # RQ ignores a repeat within one second
+    worker.kill(signal.SIGTERM)
+    worker.process.wait(30)
+    handed_back = wait_for(store, run.id, RunStatus.QUEUED, attempt=1, timeout=30)
+    assert handed_back.error_code == ErrorCode.WORKER_LOST
+    assert containers_of(docker_client, run.id) == []
+    from runner.lifecycle import Lifecycle
+
+    Lifecycle(store).cancel(run.id, tenant=None)

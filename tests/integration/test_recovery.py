@@ -1,0 +1,318 @@
+"""Retries, dead letters, replay, cancel, idempotency, caps and the container sweep."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+import yaml
+
+from runner.client import ApiError, RunnerClient
+from runner.domain import ErrorCode, RunStatus
+from runner.lifecycle import Lifecycle
+from runner.manifest import load_manifest
+from runner.queue import RunQueue
+from runner.runs import Submission, submit
+from runner.sandbox import ATTEMPT_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
+from runner.settings import Settings
+from runner.store import Finish, Store
+from runner.worker import build_reconciler
+from tests.integration.conftest import SESSION, WorkerProcess, containers_of
+from tests.integration.reliability import submit_rel, wait_for, wait_terminal
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+class DockerProxy:
+    """A unix socket forwarding to the real engine, which a test can cut and restore."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._server: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    def up(self) -> None:
+        self.path.unlink(missing_ok=True)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(self.path))
+        server.listen(64)
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def down(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for conn in self._conns:
+            conn.close()
+        self._conns.clear()
+        self.path.unlink(missing_ok=True)
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            engine.connect("/var/run/docker.sock")
+            self._conns += [client, engine]
+            for a, b in ((client, engine), (engine, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def docker_proxy(tmp_path: Path) -> Iterator[DockerProxy]:
+    proxy = DockerProxy(Path(f"/tmp/runner-docker-{uuid.uuid4().hex[:8]}.sock"))
+    proxy.up()
+    yield proxy
+    proxy.down()
+
+
+def test_docker_unavailable_is_retried(start_worker: StartWorker, store: Store,
+                                       rel_settings: Settings,
+                                       docker_proxy: DockerProxy) -> None:
+    start_worker("nodocker", env={"DOCKER_HOST": f"unix://{docker_proxy.path}"})
+    docker_proxy.down()
+    run = submit_rel(store, rel_settings, "docker-flaky", {"message": "engine back?"})
+    queued = wait_for(store, run.id, RunStatus.QUEUED, attempt=1, timeout=60)
+    assert queued.error_code == ErrorCode.DOCKER_UNAVAILABLE
+    assert queued.next_attempt_at is not None
+    docker_proxy.up()
+    final = wait_terminal(store, run.id)
+    assert final.status is RunStatus.SUCCEEDED, final.error_message
+    codes = [a["error_code"] for a in store.attempts(run.id)]
+    assert codes[0] == ErrorCode.DOCKER_UNAVAILABLE and codes[-1] is None
+
+
+def test_timeout_retried_after_its_backoff(start_worker: StartWorker, store: Store,
+                                           rel_settings: Settings) -> None:
+    start_worker("timeouts")
+    run = submit_rel(store, rel_settings, "flaky-timeout", {})
+    waiting = wait_for(store, run.id, RunStatus.QUEUED, attempt=1, timeout=60)
+    assert waiting.error_code == ErrorCode.TIMEOUT and waiting.next_attempt_at is not None
+    final = wait_terminal(store, run.id)
+    assert final.status is RunStatus.DEAD_LETTER
+    assert final.error_code == ErrorCode.TIMEOUT and "retries exhausted" in (
+        final.error_message or "")
+    first, second = store.attempts(run.id)
+    assert second["started_at"] >= waiting.next_attempt_at
+    assert first["error_code"] == second["error_code"] == ErrorCode.TIMEOUT
+
+
+def test_exit_75_is_retried_and_exit_1_is_not(start_worker: StartWorker, store: Store,
+                                              rel_settings: Settings) -> None:
+    start_worker("exits")
+    transient = submit_rel(store, rel_settings, "exit", {"code": 75})
+    hard = submit_rel(store, rel_settings, "exit", {"code": 1})
+    transient_final = wait_terminal(store, transient.id)
+    hard_final = wait_terminal(store, hard.id)
+    assert (transient_final.status, transient_final.attempt) == (RunStatus.DEAD_LETTER, 3)
+    assert (transient_final.error_code, transient_final.exit_code) == (
+        ErrorCode.NONZERO_EXIT, 75)
+    assert (hard_final.status, hard_final.attempt, hard_final.exit_code) == (
+        RunStatus.FAILED, 1, 1)
+
+
+def test_dead_letter_then_replay_to_success(start_worker: StartWorker, store: Store,
+                                            rel_settings: Settings, api_url: str,
+                                            keys: dict[str, str],
+                                            published: dict[str, dict[str, Any]]) -> None:
+    start_worker("replay")
+    run = submit_rel(store, rel_settings, "fixme", {"code": 75})
+    dead = wait_terminal(store, run.id)
+    assert (dead.status, dead.attempt) == (RunStatus.DEAD_LETTER, 2)
+    # The operator ships a fixed processor and re-pins it...
+    path = rel_settings.manifest
+    original = path.read_text()
+    manifest = yaml.safe_load(original)
+    for entry in manifest["processors"]:
+        if entry["name"] == "fixme":
+            entry["image"] = published["echo"]["image"]
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    try:
+        # ...and replays the dead letter.
+        from runner.runs import replay
+
+        again = replay(run.id, tenant="rel", manifest=load_manifest(path), store=store,
+                       queue=RunQueue.from_url(rel_settings.redis_url),
+                       default_queue=rel_settings.queue, stop_grace_seconds=1)
+        final = wait_terminal(store, again.id)
+    finally:
+        path.write_text(original)
+    assert final.status is RunStatus.SUCCEEDED and final.replay_of == run.id
+    assert final.result == {"echo": {"code": 75}}
+    original_run = store.get_run(run.id)
+    assert original_run is not None and original_run.status is RunStatus.DEAD_LETTER
+
+
+def test_dead_letter_view_and_replay_in_the_api(start_worker: StartWorker, store: Store,
+                                                rel_settings: Settings,
+                                                api_url: str) -> None:
+    """Listed by status, with its attempts, stage and last log lines; replayable."""
+    start_worker("deadview")
+    run = submit_rel(store, rel_settings, "exit", {"code": 75})
+    wait_terminal(store, run.id)
+    from runner.domain import Role
+
+    _, key = store.create_key(tenant="rel", role=Role.SUBMITTER)
+    with RunnerClient(api_url, key) as rel:
+        listed = rel.runs(status="dead_letter", limit=200)["items"]
+        assert run.id in [r["id"] for r in listed]
+        assert all(r["status"] == "dead_letter" for r in listed)
+        dead = rel.run(run.id)
+        assert (dead["error_code"], dead["error_stage"], dead["exit_code"]) == (
+            "nonzero_exit", "run", 75)
+        assert [a["exit_code"] for a in dead["attempts"]] == [75, 75, 75]
+        assert dead["last_log_lines"][-1] == "exiting with 75"
+        again = rel.replay(run.id)
+        assert again["replay_of"] == run.id and again["status"] == "queued"
+        assert again["input"] == {"code": 75} and again["id"] != run.id
+        parked = submit(Submission(tenant="rel", processor="echo", version=None, input={}),
+                        manifest=load_manifest(rel_settings.manifest), store=store,
+                        queue=RunQueue.from_url(rel_settings.redis_url),
+                        default_queue=f"parked-{SESSION}", stop_grace_seconds=1)
+        with pytest.raises(ApiError) as caught:
+            rel.replay(parked.id)  # still queued: only ended runs can be replayed
+        assert caught.value.status == 409
+        Lifecycle(store).cancel(parked.id, tenant="rel")
+
+
+def test_cancel_queued_running_and_finished(client: RunnerClient, worker: WorkerProcess,
+                                            store: Store,
+                                            docker_client: docker.DockerClient) -> None:
+    busy = client.submit("sleep", {"seconds": 30}, timeout_seconds=60)
+    waiting = client.submit("echo", {"message": "never"})
+    while client.run(busy["id"])["status"] != "running":
+        time.sleep(0.05)
+    # Queued: ends at once and never starts.
+    canceled = client.cancel(waiting["id"])
+    assert (canceled["status"], canceled["error_code"]) == ("canceled", "canceled")
+    # Running: its container is stopped within the grace period, no retry.
+    asked = time.monotonic()
+    assert client.cancel(busy["id"])["cancel_requested"] is True
+    final = client.wait(busy["id"], timeout=60)
+    took = time.monotonic() - asked
+    assert (final["status"], final["error_code"], final["attempt"]) == (
+        "canceled", "canceled", 1)
+    assert took < 15, took  # heartbeat 1 s + grace 1 s, bounded for a loaded machine
+    assert containers_of(docker_client, busy["id"]) == []
+    # The queued one still never started, after the worker was free.
+    time.sleep(1)
+    never = client.run(waiting["id"])
+    assert (never["status"], never["attempt"], never["attempts"]) == ("canceled", 0, [])
+    # Finished: 409, and it stays as it was.
+    with pytest.raises(ApiError) as caught:
+        client.cancel(busy["id"])
+    assert caught.value.status == 409
+    assert client.run(busy["id"])["finished_at"] == final["finished_at"]
+
+
+def test_twenty_concurrent_submissions_with_one_key(api_url: str, keys: dict[str, str],
+                                                    store: Store) -> None:
+    key = f"idem-{uuid.uuid4().hex}"
+    body = {"processor": "echo", "input": {"message": "once"}}
+    headers = {"Authorization": f"Bearer {keys['submitter']}", "Idempotency-Key": key}
+
+    def post(_: int) -> httpx.Response:
+        return httpx.post(f"{api_url}/v1/runs", json=body, headers=headers, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(post, range(20)))
+    assert {r.status_code for r in responses} == {202}
+    ids = {r.json()["id"] for r in responses}
+    assert len(ids) == 1
+    runs, _ = store.list_runs(tenant="acme", limit=200)
+    assert sum(1 for r in runs if r.idempotency_key == key) == 1
+    different = httpx.post(f"{api_url}/v1/runs", headers=headers, timeout=30,
+                           json={"processor": "echo", "input": {"message": "other"}})
+    assert different.status_code == 422
+    assert different.json()["error"]["field"] == "Idempotency-Key"
+
+
+def test_per_processor_cap_holds_under_twenty_submissions(
+        start_worker: StartWorker, store: Store, rel_settings: Settings,
+        docker_client: docker.DockerClient) -> None:
+    start_worker("pool", args=["--concurrency", "4"], wait_started=False)
+    runs = [submit_rel(store, rel_settings, "capped", {"seconds": 1}) for _ in range(20)]
+    ids = {r.id for r in runs}
+    peak = 0
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        live = [c for c in docker_client.containers.list(filters={"label": MANAGED_LABEL})
+                if c.labels.get(RUN_LABEL) in ids]
+        peak = max(peak, len(live))
+        if all(store.get_run(i).status.terminal for i in ids):  # type: ignore[union-attr]
+            break
+        time.sleep(0.05)
+    finals = [store.get_run(i) for i in ids]
+    assert all(f is not None and f.status is RunStatus.SUCCEEDED for f in finals)
+    assert peak == 2, peak
+
+
+def _container(client: docker.DockerClient, labels: dict[str, str]) -> str:
+    created = client.api.create_container("runner-base/busybox:local", ["sleep", "300"],
+                                          labels=labels)
+    client.api.start(created["Id"])
+    container_id: str = created["Id"]
+    return container_id
+
+
+def test_reconciler_removes_exactly_the_right_containers(
+        store: Store, rel_settings: Settings, docker_client: docker.DockerClient) -> None:
+    lifecycle = Lifecycle(store)
+    ended = submit_rel(store, rel_settings, "echo", {})
+    lifecycle.cancel(ended.id, tenant=None)
+    live = submit_rel(store, rel_settings, "slow", {})
+    claim = lifecycle.claim(live.id, attempt=1, worker_id=f"sweep-{SESSION}",
+                            lease_seconds=600)
+    assert claim.run is not None
+    worker = {WORKER_LABEL: f"sweep-{SESSION}"}
+    made = {
+        "ended run": _container(docker_client, {MANAGED_LABEL: "true", RUN_LABEL: ended.id,
+                                                ATTEMPT_LABEL: "1", **worker}),
+        "unknown run": _container(docker_client, {MANAGED_LABEL: "true", **worker,
+                                                  RUN_LABEL: str(uuid.uuid4())}),
+        "stale attempt": _container(docker_client, {MANAGED_LABEL: "true", RUN_LABEL: live.id,
+                                                    ATTEMPT_LABEL: "0", **worker}),
+        "live attempt": _container(docker_client, {MANAGED_LABEL: "true", RUN_LABEL: live.id,
+                                                   ATTEMPT_LABEL: "1", **worker}),
+        "unlabelled": _container(docker_client, {"purpose": f"not-ours-{SESSION}"}),
+    }
+    try:
+        reconciler = build_reconciler(rel_settings, store=store)
+        reconciler.grace_seconds = 0
+        time.sleep(1.1)  # container timestamps have one-second resolution
+        report = reconciler.run_once()
+        remaining = {c.id for c in docker_client.containers.list(all=True)}
+        removed = {name for name, cid in made.items() if cid not in remaining}
+        assert removed == {"ended run", "unknown run", "stale attempt"}
+        assert set(report.removed_containers) == {made[n] for n in removed}
+    finally:
+        for cid in made.values():
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.api.remove_container(cid, force=True)
+        lifecycle.cancel(live.id, tenant=None)
+        lifecycle.finish(live.id, 1, Finish(RunStatus.CANCELED, error_code="canceled"))
