@@ -106,6 +106,8 @@ def worker_command(
 
     cfg = settings("worker")
     if concurrency > 1:
+        if burst:
+            fail("--burst works with a single worker process (--concurrency 1)")
         supervise(cfg, concurrency=concurrency, queues=queue)
     else:
         run_worker(cfg, queues=queue, burst=burst)

@@ -197,7 +197,8 @@ class DevStack:
             pid = self._alive(name)
             if pid is not None:
                 os.killpg(pid, signal.SIGTERM)
-                for _ in range(100):
+                # Workers drain their current run first; give them the drain timeout.
+                for _ in range(int((self.settings.drain_timeout_seconds + 5) * 10)):
                     if self._alive(name) is None:
                         break
                     time.sleep(0.1)

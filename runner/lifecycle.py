@@ -65,11 +65,12 @@ class Lifecycle:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def _refused(self, session: Session, run_id: str, target: RunStatus, **context: Any) -> None:
+    def _refused(self, session: Session, run_id: str, target: RunStatus,
+                 attempt: int | None = None) -> None:
         current = session.get(RunRow, run_id)
-        log.info("transition_refused", run_id=run_id, target=target,
+        log.info("transition_refused", run_id=run_id, target=target, attempt=attempt,
                  current=current.status if current else "missing",
-                 attempt=current.attempt if current else None, **context)
+                 current_attempt=current.attempt if current else None)
 
     def claim(self, run_id: str, *, attempt: int, worker_id: str, lease_seconds: float,
               max_concurrency: int | None = None) -> Claim:
@@ -150,10 +151,21 @@ class Lifecycle:
                only_if_lease_expired: bool = False) -> bool:
         """Record how attempt `attempt` ended; False (and nothing changed) if it lost the run."""
         now = utcnow()
+        if outcome.status is Q:
+            with self.store.session() as session:
+                canceled = session.scalar(select(RunRow.cancel_requested_at)
+                                          .where(RunRow.id == run_id)) is not None
+            if canceled:  # a cancel that arrived mid-attempt wins over a retry
+                outcome = Finish(RunStatus.CANCELED, exit_code=outcome.exit_code,
+                                 error_code=ErrorCode.CANCELED, error_stage=outcome.error_stage,
+                                 error_message=f"canceled ({outcome.error_message})",
+                                 log_bytes=outcome.log_bytes,
+                                 log_truncated=outcome.log_truncated)
         conditions = [RunRow.id == run_id, RunRow.attempt == attempt,
                       RunRow.status.in_(sources(outcome.status)), RunRow.status == R.value]
         if only_if_lease_expired:
-            conditions.append(RunRow.lease_expires_at < now)
+            conditions.append(or_(RunRow.lease_expires_at.is_(None),
+                                  RunRow.lease_expires_at < now))
         terminal = outcome.status.terminal
         values: dict[str, Any] = {
             "status": outcome.status.value, "exit_code": outcome.exit_code,
@@ -181,7 +193,7 @@ class Lifecycle:
 
     def end_queued(self, run_id: str, target: RunStatus, *, error_code: ErrorCode,
                    message: str, stage: str) -> bool:
-        """End a run that never started (cancel, or a submission that cannot be queued)."""
+        """End a run that never started (a cancel)."""
         with self.store.session() as session:
             changed = _changed(session, update(RunRow).where(
                 RunRow.id == run_id, RunRow.status == Q.value,

@@ -55,8 +55,9 @@ class RunQueue:
         """
         attempt = run.attempt + 1
         timeout = int(run.timeout_seconds + stop_grace_seconds + JOB_TIMEOUT_MARGIN_SECONDS)
+        # A retry goes to the front: the run has waited its turn once already.
         options = {"job_id": job_id(run.id, attempt), "job_timeout": timeout,
-                   "result_ttl": 0, "failure_ttl": 7 * 24 * 3600,
+                   "at_front": attempt > 1, "result_ttl": 0, "failure_ttl": 7 * 24 * 3600,
                    "description": f"run {run.id} attempt {attempt} ({run.processor})"}
         try:
             queue = self._queue(run.queue)

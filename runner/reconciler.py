@@ -55,12 +55,15 @@ class Reconciler:
     manifests: ManifestSource
     grace_seconds: float = 10.0
     stop_grace_seconds: float = 5.0
+    # Short, so a worker killed while holding the lock delays the others only briefly.
+    lock_seconds: float = 5.0
 
-    def run_once(self, *, lock_seconds: float = 30) -> Report:
+    def run_once(self) -> Report:
         """One pass; skipped when another process holds the reconciler lock."""
         token = f"{utcnow().timestamp()}"
         try:
-            if not self.queue.redis.set(LOCK_KEY, token, nx=True, ex=int(lock_seconds)):
+            if not self.queue.redis.set(LOCK_KEY, token, nx=True,
+                                        px=int(self.lock_seconds * 1000)):
                 return Report(skipped=True)
         except RedisError as exc:
             log.warning("reconcile_lock_unavailable", error=str(exc))

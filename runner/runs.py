@@ -123,8 +123,13 @@ def replay(run_id: str, *, tenant: str | None, manifest: Manifest, store: Store,
     if not original.status.terminal:
         raise ConflictError(f"run {run_id} is still {original.status}; only ended runs "
                             "can be replayed", status=original.status)
+    processor = manifest.find(original.processor, original.version)
+    timeout = None
+    if processor is not None:  # keep the original timeout, within today's limit
+        timeout = int(min(original.timeout_seconds, processor.limits.timeout_seconds)) or None
     return submit(Submission(tenant=original.tenant, processor=original.processor,
                              version=original.version, input=original.input,
-                             labels=original.labels, replay_of=original.id),
+                             timeout_seconds=timeout, labels=original.labels,
+                             replay_of=original.id),
                   manifest=manifest, store=store, queue=queue, default_queue=default_queue,
                   stop_grace_seconds=stop_grace_seconds)

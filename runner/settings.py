@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runner.errors import ConfigError
@@ -108,6 +108,14 @@ class Settings(BaseSettings):
         return value
 
 
+    @model_validator(mode="after")
+    def _lease(self) -> Settings:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError("heartbeat_seconds must be below lease_seconds "
+                             f"({self.heartbeat_seconds:g} >= {self.lease_seconds:g})")
+        return self
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read and validate the settings.
 
@@ -118,7 +126,7 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
+        field = str(first["loc"][0]) if first["loc"] else "heartbeat_seconds"
         raise ConfigError(
             f"invalid setting RUNNER_{field.upper()}: {first['msg']}", variable=field
         ) from exc

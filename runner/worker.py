@@ -69,7 +69,8 @@ def build_reconciler(settings: Settings, *, store: Store | None = None,
                       queue=RunQueue.from_url(settings.redis_url), sandbox=sandbox,
                       manifests=ManifestSource(settings.manifest),
                       grace_seconds=settings.reconcile_grace_seconds,
-                      stop_grace_seconds=settings.stop_grace_seconds)
+                      stop_grace_seconds=settings.stop_grace_seconds,
+                      lock_seconds=max(2.0, 2 * settings.reconcile_interval_seconds))
 
 
 def build_executor(settings: Settings) -> Executor:

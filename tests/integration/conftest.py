@@ -227,7 +227,9 @@ def run_and_wait(client: RunnerClient, worker: WorkerProcess
 
 
 def containers_of(client: docker.DockerClient, run_id: str) -> list[Any]:
-    return list(client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"}))
+    # sparse: no per-container inspect, which races with containers being removed
+    return list(client.containers.list(all=True, sparse=True,
+                                       filters={"label": f"{RUN_LABEL}={run_id}"}))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -240,8 +242,9 @@ def remove_leftover_containers() -> Iterator[None]:
 
 def session_containers(client: docker.DockerClient) -> list[Any]:
     """Runner containers made by this test session (its workers carry SESSION in the id)."""
-    return [c for c in client.containers.list(all=True, filters={"label": MANAGED_LABEL})
-            if SESSION in c.labels.get(WORKER_LABEL, "")]
+    return [c for c in client.containers.list(all=True, sparse=True,
+                                              filters={"label": MANAGED_LABEL})
+            if SESSION in (c.attrs.get("Labels") or {}).get(WORKER_LABEL, "")]
 
 
 # Reliability fixtures: their own Redis server (so it can be flushed and restarted

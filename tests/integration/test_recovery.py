@@ -261,8 +261,9 @@ def test_per_processor_cap_holds_under_twenty_submissions(
     peak = 0
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        live = [c for c in docker_client.containers.list(filters={"label": MANAGED_LABEL})
-                if c.labels.get(RUN_LABEL) in ids]
+        live = [c for c in docker_client.containers.list(sparse=True,
+                                                          filters={"label": MANAGED_LABEL})
+                if (c.attrs.get("Labels") or {}).get(RUN_LABEL) in ids]
         peak = max(peak, len(live))
         if all(store.get_run(i).status.terminal for i in ids):  # type: ignore[union-attr]
             break

@@ -51,3 +51,11 @@ def test_container_user_must_be_numeric_and_not_root(monkeypatch: pytest.MonkeyP
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert "RUNNER_CONTAINER_USER" in caught.value.message
+
+
+def test_heartbeat_must_be_below_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNNER_LEASE_SECONDS", "2")
+    monkeypatch.setenv("RUNNER_HEARTBEAT_SECONDS", "5")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "RUNNER_HEARTBEAT_SECONDS" in caught.value.message
