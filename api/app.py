@@ -10,8 +10,11 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api.deps import Services
 from api.routes import router
@@ -22,6 +25,7 @@ from runner.errors import (
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    RateLimitedError,
     RunnerError,
     ServiceUnavailableError,
 )
@@ -30,6 +34,7 @@ from runner.settings import Settings
 log = structlog.get_logger(__name__)
 
 _STATUS: list[tuple[type[RunnerError], int]] = [
+    (RateLimitedError, 429),
     (AuthenticationError, 401),
     (PermissionDeniedError, 403),
     (NotFoundError, 404),
@@ -63,6 +68,13 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     )
     app.state.services = services or Services.build(settings)
     app.include_router(router)
+    if settings.cors_origin_list:  # none by default: browsers get no cross-origin access
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key",
+                                          "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After", "X-Log-Truncated",
+                                           "X-Log-Next-Offset"])
 
     @app.middleware("http")
     async def request_context(request: Request,
@@ -95,6 +107,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             log.error("request_failed", error=exc.message, code=exc.code)
             return _error(request, 500, "internal_error", "internal error")
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if status == 429:
+            headers = {"Retry-After": str(exc.context.get("retry_after", 1))}
         return _error(request, status, exc.code, exc.message,
                       field=exc.context.get("field"), headers=headers)
 
@@ -109,9 +123,19 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body that is not even text: same as bad JSON
+            return _error(request, 422, "invalid_request", f"body: {exc.detail}",
+                          field="body")
         codes = {404: "not_found", 405: "method_not_allowed"}
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first matching route's methods; name them all.
+            methods = {m for route in app.routes if isinstance(route, APIRoute)
+                       and route.matches(request.scope)[0] is not Match.NONE
+                       for m in route.methods or ()}
+            headers["Allow"] = ", ".join(sorted(methods))
         return _error(request, exc.status_code, codes.get(exc.status_code, "http_error"),
-                      str(exc.detail))
+                      str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

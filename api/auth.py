@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from api.deps import Services, services
 from runner.domain import Role
 from runner.errors import AuthenticationError, PermissionDeniedError
+from runner.keys import Keys
 
 _bearer = HTTPBearer(auto_error=False, description="An API key made by `runner keys create`.")
 
@@ -39,9 +40,11 @@ def principal(request: Request,
     """
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise AuthenticationError("missing API key: send Authorization: Bearer <key>")
-    key = svc.store.authenticate(credentials.credentials)
+    key = Keys(svc.store).authenticate(credentials.credentials)
     if key is None:
         raise AuthenticationError("unknown or revoked API key")
+    svc.limiter.hit(f"key:{key.id}", limit=svc.settings.key_requests_per_second,
+                    window_seconds=1, what="requests for this API key")
     request.state.tenant = key.tenant
     return Principal(key_id=key.id, tenant=key.tenant, role=key.role)
 

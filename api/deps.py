@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from runner.limits import RateLimiter
 from runner.manifest import ManifestSource
 from runner.queue import RunQueue
 from runner.settings import Settings
@@ -18,12 +19,14 @@ class Services:
     store: Store
     manifests: ManifestSource
     queue: RunQueue
+    limiter: RateLimiter
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
+        queue = RunQueue.from_url(settings.redis_url)
         return cls(settings=settings, store=Store(settings.database_url),
-                   manifests=ManifestSource(settings.manifest),
-                   queue=RunQueue.from_url(settings.redis_url))
+                   manifests=ManifestSource(settings.manifest), queue=queue,
+                   limiter=RateLimiter(queue.redis))
 
 
 def services(request: Request) -> Services:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query
@@ -22,7 +24,7 @@ from api.schemas import (
     RunOut,
 )
 from runner.domain import RunStatus
-from runner.errors import NotFoundError
+from runner.errors import InvalidRequestError, NotFoundError
 from runner.lifecycle import Lifecycle
 from runner.runs import Submission, replay, submit
 from runner.store import Run
@@ -31,11 +33,24 @@ router = APIRouter(prefix="/v1", responses={
     401: {"model": ErrorOut, "description": "Missing, unknown or revoked API key"},
     403: {"model": ErrorOut, "description": "The key's role does not allow this"},
     422: {"model": ErrorOut, "description": "Invalid request"},
+    429: {"model": ErrorOut, "description": "Rate limit or quota reached; see Retry-After",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
 })
 
 FOLLOW_POLL_SECONDS = 0.25
 TAIL_LINES = 20
 TAIL_BYTES = 16 * 1024
+
+
+def _timestamp(value: str | None, field: str) -> datetime | None:
+    """An ISO 8601 date-time with its zone (naive ones are taken as UTC); nothing else."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequestError(f"{field}: not an ISO 8601 date-time", field=field) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _run_or_404(svc: Services, run_id: str, who: Principal) -> Run:
@@ -46,7 +61,7 @@ def _run_or_404(svc: Services, run_id: str, who: Principal) -> Run:
 
 
 @router.post("/runs", status_code=202, response_model=RunOut,
-             responses={503: {"model": ErrorOut, "description": "Queue unavailable"}})
+             responses={503: {"model": ErrorOut, "description": "Database unavailable"}})
 def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
                svc: Annotated[Services, Depends(services)],
                idempotency_key: Annotated[str | None, Header(
@@ -54,6 +69,9 @@ def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
                    description="The same key with the same body returns the same run")] = None,
                ) -> RunOut:
     """Submit a run of an allowlisted processor; answers with the queued run."""
+    svc.limiter.hit(f"tenant-submissions:{who.tenant}",
+                    limit=svc.settings.tenant_submissions_per_minute, window_seconds=60,
+                    what=f"submissions for tenant {who.tenant}")
     run = submit(
         Submission(tenant=who.tenant, processor=body.processor, version=body.version,
                    input=body.input, timeout_seconds=body.timeout_seconds, labels=body.labels,
@@ -61,6 +79,7 @@ def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
         manifest=svc.manifests.current(), store=svc.store, queue=svc.queue,
         default_queue=svc.settings.queue, stop_grace_seconds=svc.settings.stop_grace_seconds,
         input_max_bytes=svc.settings.input_max_bytes,
+        max_active=svc.settings.tenant_max_active_runs,
     )
     return RunOut.of(run)
 
@@ -71,11 +90,27 @@ def list_runs(who: Annotated[Principal, Depends(viewer)],
               status: RunStatus | None = None,
               processor: Annotated[str | None, Query(max_length=64)] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
-              cursor: Annotated[str | None, Query(max_length=200)] = None) -> RunList:
+              cursor: Annotated[str | None, Query(max_length=200)] = None,
+              label: Annotated[list[str] | None, Query(
+                  max_length=8, description="key=value; repeat to require several")] = None,
+              created_after: Annotated[str | None, Query(
+                  max_length=40, json_schema_extra={"format": "date-time"})] = None,
+              created_before: Annotated[str | None, Query(
+                  max_length=40, json_schema_extra={"format": "date-time"})] = None,
+              ) -> RunList:
     """The caller's tenant's runs, newest first; pass `next_cursor` back for more."""
+    labels: dict[str, str] = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or len(item) > 320:
+            raise InvalidRequestError(f"label filter {item[:80]!r} is not key=value",
+                                      field="label")
+        labels[key] = value
     runs, next_cursor = svc.store.list_runs(
         tenant=who.tenant, status=status.value if status else None, processor=processor,
-        limit=limit, cursor=cursor)
+        limit=limit, cursor=cursor, labels=labels,
+        created_after=_timestamp(created_after, "created_after"),
+        created_before=_timestamp(created_before, "created_before"))
     return RunList(items=[RunOut.of(r) for r in runs], next_cursor=next_cursor)
 
 
@@ -111,7 +146,9 @@ def replay_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
     """A new run of an ended run's processor version and input, linked by `replay_of`."""
     return RunOut.of(replay(run_id, tenant=who.tenant, manifest=svc.manifests.current(),
                             store=svc.store, queue=svc.queue, default_queue=svc.settings.queue,
-                            stop_grace_seconds=svc.settings.stop_grace_seconds))
+                            stop_grace_seconds=svc.settings.stop_grace_seconds,
+                            input_max_bytes=svc.settings.input_max_bytes,
+                            max_active=svc.settings.tenant_max_active_runs))
 
 
 @router.get("/runs/{run_id}/logs", response_class=Response,
@@ -131,8 +168,11 @@ async def get_logs(run_id: str, who: Annotated[Principal, Depends(viewer)],
         return Response(data, media_type="text/plain; charset=utf-8", headers=headers)
 
     async def stream() -> AsyncIterator[bytes]:
+        # Bounded, so an idle follower cannot hold a connection forever; clients
+        # resume with ?offset= (X-Log-Next-Offset of a plain read tells where).
         position = offset
-        while True:
+        deadline = time.monotonic() + svc.settings.follow_max_seconds
+        while time.monotonic() < deadline:
             current = await run_in_threadpool(svc.store.get_run, run_id)
             data = await run_in_threadpool(svc.store.read_logs, run_id, offset=position)
             if data:

@@ -143,12 +143,41 @@ def db_upgrade() -> None:
 def keys_create(tenant: Annotated[str, typer.Option()],
                 role: Annotated[Role, typer.Option()] = Role.SUBMITTER) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
+    from runner.keys import Keys
     from runner.store import Store
 
     store = Store(settings().database_url)
-    key, plaintext = store.create_key(tenant=tenant, role=role)
+    key, plaintext = Keys(store).create(tenant=tenant, role=role)
     typer.echo(plaintext)
-    typer.echo(f"key {key.id}: tenant {key.tenant}, role {key.role}", err=True)
+    typer.echo(f"key {key.id}: tenant {key.tenant}, role {key.role} "
+               "(shown once; only its hash is stored)", err=True)
+
+
+@keys_app.command("list")
+@command
+def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
+    """List keys (ids, tenants, roles, use); never a secret."""
+    from runner.keys import Keys
+    from runner.store import Store
+
+    for key in Keys(Store(settings().database_url)).list(tenant=tenant):
+        state = "revoked" if key["revoked_at"] else "active"
+        used = key["last_used_at"].isoformat() if key["last_used_at"] else "never"
+        typer.echo(f"{key['prefix']}...  {key['tenant']:<16} {key['role']:<9} {state:<8} "
+                   f"last used {used}")
+
+
+@keys_app.command("revoke")
+@command
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id, prefix or whole key")]
+                ) -> None:
+    """Revoke a key; it gets 401 from the next request on."""
+    from runner.keys import Keys
+    from runner.store import Store
+
+    if not Keys(Store(settings().database_url)).revoke(key_id):
+        fail(f"no active key {key_id}")
+    typer.echo(f"revoked {key_id}")
 
 
 # Runs ---------------------------------------------------------------------

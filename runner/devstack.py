@@ -23,6 +23,7 @@ import structlog
 
 from runner.domain import Role
 from runner.errors import ManifestError, PublishError, RunnerError
+from runner.keys import Keys
 from runner.manifest import load_manifest, pin
 from runner.migrate import upgrade
 from runner.publish import ProcessorDir, publish, registry_digest
@@ -133,9 +134,9 @@ class DevStack:
                 for line in self.env_file.read_text().splitlines():
                     if line.startswith("export RUNNER_API_KEY="):
                         key = line.split("=", 1)[1].strip()
-                        if store.authenticate(key) is not None:
+                        if Keys(store).authenticate(key) is not None:
                             return key
-            _, key = store.create_key(tenant="dev", role=Role.ADMIN)
+            _, key = Keys(store).create(tenant="dev", role=Role.ADMIN)
             return key
         finally:
             store.close()

@@ -87,6 +87,18 @@ class PermissionDeniedError(RunnerError):
     code = "forbidden"
 
 
+class RateLimitedError(RunnerError):
+    """Too many requests; retry after the time given."""
+
+    code = "rate_limited"
+
+
+class QuotaExceededError(RateLimitedError):
+    """The tenant has reached a quota."""
+
+    code = "quota_exceeded"
+
+
 class ServiceUnavailableError(RunnerError):
     """A service the runner depends on is unavailable."""
 

@@ -98,23 +98,36 @@ class LogWriter:
     def __init__(self, store: Store, run_id: str, attempt: int, offset: int) -> None:
         self.store, self.run_id, self.attempt, self.offset = store, run_id, attempt, offset
         self._buffer = bytearray()
-        self._last = time.monotonic()
+        self._last = 0.0
+        self._lock = threading.Lock()
 
     def write(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        if (len(self._buffer) >= self.FLUSH_BYTES
-                or time.monotonic() - self._last >= self.FLUSH_SECONDS):
+        """Called by the log pump thread for each chunk of output."""
+        with self._lock:
+            self._buffer += chunk
+            due = (len(self._buffer) >= self.FLUSH_BYTES
+                   or time.monotonic() - self._last >= self.FLUSH_SECONDS)
+        if due:
+            with contextlib.suppress(ServiceUnavailableError):
+                self.flush()
+
+    def tick(self) -> None:
+        """Called a few times a second, so a last line never waits for the next one."""
+        with self._lock:
+            due = bool(self._buffer) and time.monotonic() - self._last >= self.FLUSH_SECONDS
+        if due:
             with contextlib.suppress(ServiceUnavailableError):
                 self.flush()
 
     def flush(self) -> None:
-        self._last = time.monotonic()
-        if not self._buffer:
-            return
-        data = bytes(self._buffer)
-        self.store.append_log(self.run_id, self.attempt, offset=self.offset, data=data)
-        self._buffer = bytearray()
-        self.offset += len(data)
+        with self._lock:
+            self._last = time.monotonic()
+            if not self._buffer:
+                return
+            data = bytes(self._buffer)
+            self.store.append_log(self.run_id, self.attempt, offset=self.offset, data=data)
+            self._buffer = bytearray()
+            self.offset += len(data)
 
 
 @dataclass
@@ -130,6 +143,7 @@ class AttemptGuard:
     canceled: bool = False
     lost: bool = False
     container_id: str | None = None
+    writer: LogWriter | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -155,7 +169,13 @@ class AttemptGuard:
                 log.warning("container_stop_failed", run_id=self.run.id, error=exc.message)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        next_beat = time.monotonic() + self.interval
+        while not self._stop.wait(min(LogWriter.FLUSH_SECONDS, self.interval)):
+            if self.writer is not None:
+                self.writer.tick()
+            if time.monotonic() < next_beat:
+                continue
+            next_beat = time.monotonic() + self.interval
             try:
                 beat = self.lifecycle.heartbeat(self.run.id, self.run.attempt,
                                                 lease_seconds=self.lease_seconds)
@@ -269,6 +289,7 @@ class Executor:
                     WORKER_LABEL: self.worker_id},
         )
         writer = LogWriter(self.store, run.id, run.attempt, self.store.log_offset(run.id))
+        guard.writer = writer
 
         def started(container_id: str, image_id: str) -> None:
             guard.on_start(container_id)
@@ -320,10 +341,5 @@ class Executor:
         log.info("run_finished" if recorded else "run_finish_fenced_off", run_id=run.id,
                  attempt=run.attempt, status=decided.status, error_code=decided.error_code,
                  next_attempt_at=decided.next_attempt_at)
-        if recorded and decided.status is RunStatus.QUEUED:
-            try:
-                self.queue.enqueue(run, at=decided.next_attempt_at,
-                                   stop_grace_seconds=self.stop_grace_seconds)
-            except ServiceUnavailableError as exc:
-                log.warning("retry_enqueue_deferred", run_id=run.id, error=exc.message)
+        # A retry is enqueued by the requeue pass once its backoff is over.
         return decided.status if recorded else None

@@ -14,13 +14,13 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import ConflictError, NotFoundError
-from runner.models import AttemptRow, RunRow, SlotRow
+from runner.models import AttemptRow, LogChunkRow, RunRow, SlotRow
 from runner.store import Finish, Run, Store, _changed, utcnow
 
 log = structlog.get_logger(__name__)
@@ -87,7 +87,12 @@ class Lifecycle:
             processor = row.processor
         if max_concurrency is not None and not self._take_slot(
                 run_id, processor=processor, attempt=attempt, cap=max_concurrency):
-            return Claim(ClaimStatus.AT_CAPACITY, retry_at=now + timedelta(seconds=1))
+            retry_at = now + timedelta(seconds=1)
+            with self.store.session() as session:  # the requeue pass tries again then
+                session.execute(update(RunRow).where(
+                    RunRow.id == run_id, RunRow.status == Q.value,
+                    RunRow.attempt == attempt - 1).values(next_attempt_at=retry_at))
+            return Claim(ClaimStatus.AT_CAPACITY, retry_at=retry_at)
         with self.store.session() as session:
             changed = _changed(session, update(RunRow).where(
                 RunRow.id == run_id, RunRow.status == Q.value, RunRow.attempt == attempt - 1,
@@ -174,6 +179,8 @@ class Lifecycle:
             "log_truncated": RunRow.log_truncated | outcome.log_truncated,
             "lease_expires_at": None, "next_attempt_at": outcome.next_attempt_at,
             "finished_at": now if terminal else None,
+            "log_bytes": select(func.coalesce(func.sum(func.length(LogChunkRow.data)), 0))
+            .where(LogChunkRow.run_id == run_id).scalar_subquery(),
         }
         with self.store.session() as session:
             if _changed(session, update(RunRow).where(*conditions).values(**values)
@@ -248,11 +255,14 @@ class Lifecycle:
                 or_(RunRow.lease_expires_at.is_(None), RunRow.lease_expires_at < now)))
             return [Run.from_row(r) for r in rows]
 
-    def due_queued(self, *, older_than: datetime) -> list[Run]:
-        """Queued runs that should be in Redis by now (due, and not brand new)."""
+    def due_queued(self, *, older_than: datetime, limit: int = 500) -> list[Run]:
+        """Queued runs that should be in Redis by now: retries whose backoff is over,
+        and first attempts older than `older_than` (lost on the way to Redis)."""
+        now = utcnow()
         with self.store.session() as session:
             rows = session.scalars(select(RunRow).where(
                 RunRow.status == Q.value, RunRow.cancel_requested_at.is_(None),
                 or_(and_(RunRow.next_attempt_at.is_(None), RunRow.created_at < older_than),
-                    RunRow.next_attempt_at < older_than)))
+                    RunRow.next_attempt_at <= now),
+            ).order_by(RunRow.next_attempt_at).limit(limit))
             return [Run.from_row(r) for r in rows]

@@ -66,6 +66,8 @@ class RunRow(Base):
 
     __table_args__ = (
         Index("ix_runs_tenant_id", "tenant", "id"),
+        Index("ix_runs_tenant_status_id", "tenant", "status", "id"),
+        Index("ix_runs_tenant_processor_id", "tenant", "processor", "id"),
         Index("ix_runs_status", "status"),
         UniqueConstraint("tenant", "idempotency_key", name="uq_runs_tenant_idempotency_key"),
     )
@@ -130,3 +132,12 @@ class ApiKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class TenantRow(Base):
+    """One row per tenant; locking it serialises quota checks across API processes."""
+
+    __tablename__ = "tenants"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    touched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -8,8 +8,6 @@ enqueued again by the reconciler, and a job that arrives twice loses its claim.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
@@ -22,7 +20,7 @@ JOB_FUNCTION = "runner.worker.perform"
 # The RQ job timeout sits well past the container deadline, so the runner's own
 # timeout (SIGTERM, grace, SIGKILL) always fires first.
 JOB_TIMEOUT_MARGIN_SECONDS = 300
-HELD_STATES = {b"queued", b"scheduled", b"deferred"}
+HELD_STATES = {b"queued", b"deferred"}
 
 
 def job_id(run_id: str, attempt: int) -> str:
@@ -46,9 +44,13 @@ class RunQueue:
             self._queues[name] = Queue(name, connection=self.redis)
         return self._queues[name]
 
-    def enqueue(self, run: Run, *, at: datetime | None = None,
-                stop_grace_seconds: float = 5.0) -> None:
-        """Queue the run's next attempt, at `at` when that is in the future.
+    def enqueue(self, run: Run, *, stop_grace_seconds: float = 5.0) -> None:
+        """Queue the run's next attempt now.
+
+        A retry waiting out its backoff is not put in Redis early: its next attempt
+        time is in the database, and each worker's requeue pass enqueues it when due
+        (RQ's own scheduler is not used: it forks a process that would inherit the
+        worker's database connections).
 
         Raises:
             ServiceUnavailableError: Redis cannot be reached.
@@ -60,11 +62,7 @@ class RunQueue:
                    "at_front": attempt > 1, "result_ttl": 0, "failure_ttl": 7 * 24 * 3600,
                    "description": f"run {run.id} attempt {attempt} ({run.processor})"}
         try:
-            queue = self._queue(run.queue)
-            if at is not None and at > datetime.now(UTC):
-                queue.enqueue_at(at, JOB_FUNCTION, run.id, attempt, **options)
-            else:
-                queue.enqueue(JOB_FUNCTION, run.id, attempt, **options)
+            self._queue(run.queue).enqueue(JOB_FUNCTION, run.id, attempt, **options)
         except RedisError as exc:
             raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
 

@@ -6,7 +6,8 @@ one worker at a time through a Redis lock):
 1. running runs whose lease expired: their containers are killed and removed first,
    then the run is retried as `worker_lost` (or dead-lettered, or canceled if a
    cancel was pending), fenced on the expired lease so a live worker is never robbed;
-2. queued runs that are due but that Redis no longer holds are enqueued again;
+2. queued runs that are due (a retry past its backoff, or a first attempt older than
+   the grace period) but that Redis does not hold are enqueued;
 3. containers labelled by this runner whose run is finished, unknown, or on another
    attempt are removed once older than the grace period. Unlabelled containers are
    never touched.
@@ -83,13 +84,17 @@ class Reconciler:
                      removed_containers=report.removed_containers)
         return report
 
-    def _policy(self, run: Run) -> RetryPolicy:
+    def _known(self, run: Run) -> RetryPolicy | None:
+        """The run's retry policy, or None when this reconciler's manifest lacks its
+        processor version: then another reconciler (another pool, another manifest)
+        owns the decision, and guessing a default policy could dead-letter it."""
         found = self.manifests.current().find(run.processor, run.version)
-        return found.retry if found is not None else RetryPolicy()
+        return found.retry if found is not None else None
 
     def _expire_leases(self, report: Report) -> None:
         for run in self.lifecycle.expired_leases():
-            if self.sandbox is None:
+            policy = self._known(run)
+            if self.sandbox is None or policy is None:
                 continue  # without the engine we cannot be sure the container is gone
             # The old container dies first, so the retry never overlaps it.
             try:
@@ -105,27 +110,34 @@ class Reconciler:
                 finish = decide(Finish(
                     RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="lease",
                     error_message=f"worker {run.worker_id} stopped renewing its lease"),
-                    policy=self._policy(run), attempt=run.attempt, now=utcnow())
+                    policy=policy, attempt=run.attempt, now=utcnow())
             if self.lifecycle.finish(run.id, run.attempt, finish, only_if_lease_expired=True):
                 report.expired.append(run.id)
                 log.warning("lease_expired", run_id=run.id, attempt=run.attempt,
                             worker_id=run.worker_id, now=finish.status)
-                if finish.status is RunStatus.QUEUED:
-                    with contextlib.suppress(RunnerError):
-                        self.queue.enqueue(run, at=finish.next_attempt_at,
-                                           stop_grace_seconds=self.stop_grace_seconds)
 
-    def _requeue(self, report: Report) -> None:
+
+    def requeue_due(self) -> list[str]:
+        """Enqueue queued runs that are due but not in Redis: retries whose backoff is
+        over, and first attempts lost on the way (after the grace period). Cheap;
+        workers run it every half second."""
         cutoff = utcnow() - timedelta(seconds=self.grace_seconds)
+        requeued: list[str] = []
         for run in self.lifecycle.due_queued(older_than=cutoff):
+            if self._known(run) is None:
+                continue
             try:
                 if self.queue.holds(run):
                     continue
                 self.queue.enqueue(run, stop_grace_seconds=self.stop_grace_seconds)
             except RunnerError as exc:
                 log.warning("requeue_failed", run_id=run.id, error=exc.message)
-                return
-            report.requeued.append(run.id)
+                break
+            requeued.append(run.id)
+        return requeued
+
+    def _requeue(self, report: Report) -> None:
+        report.requeued += self.requeue_due()
         self.lifecycle.release_stale_slots()
 
     def _sweep_containers(self, report: Report) -> None:

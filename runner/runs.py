@@ -53,7 +53,7 @@ def _json_path(path: Any) -> str:
 
 def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: RunQueue,
            default_queue: str, stop_grace_seconds: float,
-           input_max_bytes: int = 1024 * 1024) -> Run:
+           input_max_bytes: int = 1024 * 1024, max_active: int = 0) -> Run:
     """Record a new queued run and hand its id to the queue.
 
     Raises:
@@ -62,6 +62,7 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         InvalidRequestError: input over its size cap, or timeout_seconds above the
             manifest's limit.
         InvalidRequestError: the idempotency key was used for a different request.
+        QuotaExceededError: the tenant is at its cap of queued and running runs.
     """
     processor = manifest.find(submission.processor, submission.version)
     if processor is None:
@@ -90,7 +91,7 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         max_attempts=processor.retry.max_attempts, manifest_revision=manifest.revision,
         idempotency_key=submission.idempotency_key, request_hash=submission.fingerprint(),
         replay_of=submission.replay_of,
-    ))
+    ), max_active=max_active)
     if not created:
         log.info("run_submission_replayed", run_id=run.id, tenant=run.tenant)
         return run
@@ -106,7 +107,8 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
 
 
 def replay(run_id: str, *, tenant: str | None, manifest: Manifest, store: Store,
-           queue: RunQueue, default_queue: str, stop_grace_seconds: float) -> Run:
+           queue: RunQueue, default_queue: str, stop_grace_seconds: float,
+           input_max_bytes: int = 1024 * 1024, max_active: int = 0) -> Run:
     """A new run of an ended run's processor version and input, linked to it.
 
     It runs the image the manifest pins now, so a processor fixed and re-pinned after
@@ -132,4 +134,5 @@ def replay(run_id: str, *, tenant: str | None, manifest: Manifest, store: Store,
                              timeout_seconds=timeout, labels=original.labels,
                              replay_of=original.id),
                   manifest=manifest, store=store, queue=queue, default_queue=default_queue,
-                  stop_grace_seconds=stop_grace_seconds)
+                  stop_grace_seconds=stop_grace_seconds, input_max_bytes=input_max_bytes,
+                  max_active=max_active)

@@ -38,6 +38,9 @@ from runner.errors import (
 log = structlog.get_logger(__name__)
 
 MANAGED_LABEL = "io.container-runner.managed"
+# Which deployment (database) made a container: a reconciler only ever touches its
+# own, so two runners sharing one Docker engine cannot remove each other's.
+INSTANCE_LABEL = "io.container-runner.instance"
 RUN_LABEL = "io.container-runner.run-id"
 ATTEMPT_LABEL = "io.container-runner.attempt"
 WORKER_LABEL = "io.container-runner.worker-id"
@@ -64,6 +67,7 @@ class SandboxConfig:
     stop_grace_seconds: float = 5.0
     result_max_bytes: int = 1024 * 1024
     pull_timeout_seconds: float = 300.0
+    instance: str = "default"
 
 
 @dataclass(frozen=True)
@@ -261,8 +265,11 @@ class Sandbox:
         image_id: str = attrs["Id"]
         return image_id
 
+    def _labels(self, spec: ContainerSpec) -> dict[str, str]:
+        return {MANAGED_LABEL: "true", INSTANCE_LABEL: self.config.instance, **spec.labels}
+
     def _host_config(self, spec: ContainerSpec) -> dict[str, Any]:
-        labels = {MANAGED_LABEL: "true", **spec.labels}
+        labels = self._labels(spec)
         log_max = max(spec.log_cap_bytes * 2, 1024 * 1024)
         host_config: dict[str, Any] = self.api.create_host_config(
             nano_cpus=int(spec.cpus * 1e9),
@@ -283,7 +290,7 @@ class Sandbox:
         return host_config
 
     def _create(self, spec: ContainerSpec, image_id: str) -> str:
-        labels = {MANAGED_LABEL: "true", **spec.labels}
+        labels = self._labels(spec)
         for _ in range(2):
             try:
                 with _docker_errors("create"):
@@ -446,8 +453,9 @@ class Sandbox:
         self._remove(container_id)
 
     def managed_containers(self, **label_filters: str) -> list[dict[str, Any]]:
-        """Containers this runner created (by label), optionally narrowed by more labels."""
-        labels = [MANAGED_LABEL] + [f"{k}={v}" for k, v in label_filters.items()]
+        """Containers this deployment created (by label), optionally narrowed further."""
+        labels = [MANAGED_LABEL, f"{INSTANCE_LABEL}={self.config.instance}"]
+        labels += [f"{k}={v}" for k, v in label_filters.items()]
         with _docker_errors("list"):
             found: list[dict[str, Any]] = self.api.containers(all=True,
                                                               filters={"label": labels})

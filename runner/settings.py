@@ -5,7 +5,9 @@ Built in the entry points and passed down; nothing reads the environment elsewhe
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Literal
@@ -31,6 +33,7 @@ class Settings(BaseSettings):
     manifest: Path = Path("manifests/manifest.yaml")
     queue: str = "runner"
     registry: str = "127.0.0.1:5000"
+    instance_name: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,63}$")
 
     log_format: Literal["json", "console"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -46,6 +49,12 @@ class Settings(BaseSettings):
     result_max_bytes: int = 1024 * 1024
     input_max_bytes: int = 1024 * 1024
     pull_timeout_seconds: float = Field(default=300.0, gt=0)
+
+    cors_origins: str = ""
+    key_requests_per_second: int = Field(default=50, ge=0)
+    tenant_submissions_per_minute: int = Field(default=600, ge=0)
+    tenant_max_active_runs: int = Field(default=1000, ge=0)
+    follow_max_seconds: float = Field(default=600.0, gt=0)
 
     lease_seconds: float = Field(default=15.0, gt=0)
     heartbeat_seconds: float = Field(default=1.0, gt=0)
@@ -63,12 +72,34 @@ class Settings(BaseSettings):
 
     @field_validator("stop_grace_seconds", "pull_timeout_seconds", "lease_seconds",
                      "heartbeat_seconds", "drain_timeout_seconds",
-                     "reconcile_interval_seconds", "reconcile_grace_seconds", mode="before")
+                     "reconcile_interval_seconds", "reconcile_grace_seconds",
+                     "follow_max_seconds", mode="before")
     @classmethod
     def _duration(cls, value: object) -> float:
         if isinstance(value, int | float | str):
             return parse_duration(value)
         raise ValueError("expected a duration such as 5s")
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in (o.strip() for o in value.split(",") if o.strip()):
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"{origin!r} is not an origin (https://host[:port])")
+        return value
+
+    @property
+    def instance(self) -> str:
+        """This deployment's name on its containers: a digest of the database it uses
+        (password left out), unless RUNNER_INSTANCE_NAME names it."""
+        if self.instance_name:
+            return self.instance_name
+        url = re.sub(r"//([^:/@]+):[^@]*@", r"//\1@", self.database_url)
+        return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @field_validator("fault_points")
     @classmethod

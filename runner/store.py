@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
-import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -20,15 +17,27 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Engine, Executable, create_engine, event, func, select, text, update
+from sqlalchemy import (
+    Engine,
+    Executable,
+    LargeBinary,
+    create_engine,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from runner.domain import Role, RunStatus
-from runner.errors import InvalidRequestError, ServiceUnavailableError
-from runner.models import ApiKeyRow, AttemptRow, LogChunkRow, RunRow
+from runner.domain import RunStatus
+from runner.errors import InvalidRequestError, QuotaExceededError, ServiceUnavailableError
+from runner.models import AttemptRow, LogChunkRow, RunRow, TenantRow
 
 SQLAlchemyError = _SQLAlchemyError
 
@@ -121,13 +130,6 @@ class Run:
 
 
 @dataclass(frozen=True)
-class ApiKey:
-    id: str
-    tenant: str
-    role: Role
-
-
-@dataclass(frozen=True)
 class Finish:
     """How one attempt ended and what the run becomes (QUEUED when it will be retried)."""
 
@@ -140,13 +142,6 @@ class Finish:
     log_bytes: int = 0
     log_truncated: bool = False
     next_attempt_at: datetime | None = None
-
-
-KEY_PREFIX = "rk_"
-
-
-def _hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def encode_cursor(run_id: str) -> str:
@@ -196,15 +191,40 @@ class Store:
 
     # Runs ------------------------------------------------------------------
 
-    def create_run(self, new: NewRun) -> tuple[Run, bool]:
-        """Insert a queued run; with an idempotency key, the tenant's existing run wins.
-
-        Returns the run and whether this call created it. Of concurrent calls with one
-        key exactly one inserts (a unique constraint decides); the others get that run.
+    def _existing(self, new: NewRun) -> Run | None:
+        """The tenant's run under this idempotency key, if any.
 
         Raises:
             InvalidRequestError: the key was used before with a different request.
         """
+        if new.idempotency_key is None:
+            return None
+        with self.session() as session:
+            row = session.scalar(select(RunRow).where(
+                RunRow.tenant == new.tenant, RunRow.idempotency_key == new.idempotency_key))
+            run = Run.from_row(row) if row is not None else None
+        if run is not None and run.request_hash != new.request_hash:
+            raise InvalidRequestError(
+                "this Idempotency-Key was used with a different request body",
+                field="Idempotency-Key")
+        return run
+
+    def create_run(self, new: NewRun, *, max_active: int = 0) -> tuple[Run, bool]:
+        """Insert a queued run; with an idempotency key, the tenant's existing run wins.
+
+        Returns the run and whether this call created it. Of concurrent calls with one
+        key exactly one inserts (a unique constraint decides); the others get that run.
+        With `max_active`, the tenant's queued + running runs are capped: the check and
+        the insert happen under a lock on the tenant's row, so API processes racing
+        each other cannot overshoot it.
+
+        Raises:
+            InvalidRequestError: the key was used before with a different request.
+            QuotaExceededError: the tenant already has `max_active` active runs.
+        """
+        existing = self._existing(new)
+        if existing is not None:
+            return existing, False
         row = RunRow(
             id=new_run_id(), tenant=new.tenant, status=RunStatus.QUEUED.value,
             processor=new.processor, version=new.version, image=new.image, queue=new.queue,
@@ -214,25 +234,42 @@ class Store:
             idempotency_key=new.idempotency_key, request_hash=new.request_hash,
             replay_of=new.replay_of,
         )
+        if max_active > 0:
+            self._ensure_tenant(new.tenant)
         try:
             with self.session() as session:
+                if max_active > 0:
+                    # The UPDATE takes the row lock (PostgreSQL) or the write lock
+                    # (SQLite) until commit: quota checks of one tenant run one by one.
+                    session.execute(update(TenantRow).where(TenantRow.tenant == new.tenant)
+                                    .values(touched_at=utcnow()))
+                    active = session.scalar(select(func.count()).select_from(RunRow).where(
+                        RunRow.tenant == new.tenant,
+                        RunRow.status.in_([RunStatus.QUEUED.value, RunStatus.RUNNING.value])))
+                    if (active or 0) >= max_active:
+                        raise QuotaExceededError(
+                            f"tenant {new.tenant} has {active} queued or running runs, "
+                            f"its cap is {max_active}", retry_after=5)
                 session.add(row)
             return Run.from_row(row), True
         except IntegrityError:
             if new.idempotency_key is None:
                 raise
+        existing = self._existing(new)
+        if existing is None:  # deleted in between: vanishingly rare, and safe to refuse
+            raise InvalidRequestError("idempotency key conflict; retry the request",
+                                      field="Idempotency-Key")
+        return existing, False
+
+    def _ensure_tenant(self, tenant: str) -> None:
         with self.session() as session:
-            existing = session.scalar(select(RunRow).where(
-                RunRow.tenant == new.tenant, RunRow.idempotency_key == new.idempotency_key))
-            if existing is None:  # deleted in between: vanishingly rare, and safe to refuse
-                raise InvalidRequestError("idempotency key conflict; retry the request",
-                                          field="Idempotency-Key")
-            run = Run.from_row(existing)
-        if run.request_hash != new.request_hash:
-            raise InvalidRequestError(
-                "this Idempotency-Key was used with a different request body",
-                field="Idempotency-Key")
-        return run, False
+            if session.get(TenantRow, tenant) is not None:
+                return
+        try:
+            with self.session() as session:
+                session.add(TenantRow(tenant=tenant, touched_at=utcnow()))
+        except IntegrityError:
+            pass  # another process made it first
 
     def get_run(self, run_id: str, *, tenant: str | None = None) -> Run | None:
         """The run, or None if it does not exist or belongs to another tenant."""
@@ -244,9 +281,17 @@ class Store:
 
     def list_runs(self, *, tenant: str | None, status: str | None = None,
                   processor: str | None = None, limit: int = 50,
-                  cursor: str | None = None) -> tuple[list[Run], str | None]:
+                  cursor: str | None = None, labels: dict[str, str] | None = None,
+                  created_after: datetime | None = None,
+                  created_before: datetime | None = None) -> tuple[list[Run], str | None]:
         """Newest first, keyset-paginated by the time-ordered run id."""
         query = select(RunRow).order_by(RunRow.id.desc()).limit(limit + 1)
+        for key, value in (labels or {}).items():
+            query = query.where(RunRow.labels[key].as_string() == value)
+        if created_after is not None:
+            query = query.where(RunRow.created_at >= created_after)
+        if created_before is not None:
+            query = query.where(RunRow.created_at < created_before)
         if tenant is not None:
             query = query.where(RunRow.tenant == tenant)
         if status is not None:
@@ -271,18 +316,19 @@ class Store:
             )
 
     def append_log(self, run_id: str, attempt: int, *, offset: int, data: bytes) -> None:
-        """Store one chunk of captured output, fenced by the attempt still running."""
+        """Store one chunk of captured output, fenced by the attempt still running.
+
+        One INSERT ... SELECT that takes no lock on the run's row, so a worker frozen
+        mid-write cannot block the reconciler from taking its run back. The run's
+        `log_bytes` is brought up to date when the attempt ends.
+        """
+        live = select(literal(run_id), literal(attempt), literal(offset),
+                      literal(data, LargeBinary())).where(
+            RunRow.id == run_id, RunRow.attempt == attempt,
+            RunRow.status == RunStatus.RUNNING.value)
         with self.session() as session:
-            changed = _changed(session,
-                update(RunRow)
-                .where(RunRow.id == run_id, RunRow.attempt == attempt,
-                       RunRow.status == RunStatus.RUNNING.value)
-                .values(log_bytes=RunRow.log_bytes + len(data))
-                .execution_options(synchronize_session=False)
-            )
-            if changed == 1:
-                session.add(LogChunkRow(run_id=run_id, attempt=attempt, offset=offset,
-                                        data=data))
+            session.execute(insert(LogChunkRow).from_select(
+                ["run_id", "attempt", "offset", "data"], live))
 
     def read_logs(self, run_id: str, *, offset: int = 0, limit: int | None = None) -> bytes:
         """Captured output from byte `offset` on (all attempts, in order)."""
@@ -324,31 +370,6 @@ class Store:
                 for r in rows
             ]
 
-    # API keys --------------------------------------------------------------
-
-    def create_key(self, *, tenant: str, role: Role) -> tuple[ApiKey, str]:
-        """A new key; the plaintext is returned once and only its hash is stored."""
-        key_id = secrets.token_hex(6)
-        secret = secrets.token_urlsafe(32)  # 256 random bits
-        with self.session() as session:
-            session.add(ApiKeyRow(id=key_id, secret_hash=_hash_secret(secret), tenant=tenant,
-                                  role=role.value, created_at=utcnow()))
-        return ApiKey(id=key_id, tenant=tenant, role=role), f"{KEY_PREFIX}{key_id}_{secret}"
-
-    def authenticate(self, presented: str) -> ApiKey | None:
-        """The key presented as a bearer token, or None if it is unknown or revoked."""
-        if not presented.startswith(KEY_PREFIX) or presented.count("_") < 2:
-            return None
-        key_id, _, secret = presented.removeprefix(KEY_PREFIX).partition("_")
-        with self.session() as session:
-            row = session.get(ApiKeyRow, key_id)
-            expected = row.secret_hash if row is not None else _hash_secret(os.urandom(8).hex())
-            valid = hmac.compare_digest(expected, _hash_secret(secret))
-            if row is None or not valid or row.revoked_at is not None:
-                return None
-            row.last_used_at = utcnow()
-            return ApiKey(id=row.id, tenant=row.tenant, role=Role(row.role))
-
 
 def make_engine(url: str) -> Engine:
     """An engine with sane pool settings; SQLite gets WAL and a busy timeout."""
@@ -364,4 +385,9 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # A client frozen inside a transaction (a stopped worker) must not hold row locks
+    # for ever: the server ends such a transaction after a minute, and nobody waits on
+    # a lock for more than ten seconds (the waiter fails and retries later instead).
+    options = "-c lock_timeout=10000 -c idle_in_transaction_session_timeout=60000"
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10,
+                         connect_args={"options": options})

@@ -56,7 +56,8 @@ def sandbox_config(settings: Settings) -> SandboxConfig:
     return SandboxConfig(user=settings.container_user, tmp_size_bytes=settings.tmp_size,
                          stop_grace_seconds=settings.stop_grace_seconds,
                          result_max_bytes=settings.result_max_bytes,
-                         pull_timeout_seconds=settings.pull_timeout_seconds)
+                         pull_timeout_seconds=settings.pull_timeout_seconds,
+                         instance=settings.instance)
 
 
 def build_reconciler(settings: Settings, *, store: Store | None = None,
@@ -101,10 +102,19 @@ class RunnerWorker(SimpleWorker):
         timer.start()
 
 
+REQUEUE_SECONDS = 0.5
+
+
 def _reconcile_forever(reconciler: Reconciler, interval: float, stop: threading.Event) -> None:
-    while not stop.wait(interval):
-        try:
-            reconciler.run_once()
+    """Enqueue due retries every half second; a full reconcile pass every `interval`."""
+    next_pass = time.monotonic() + interval
+    while not stop.wait(min(REQUEUE_SECONDS, interval)):
+        try:  # the loop must outlive a bad pass
+            if time.monotonic() >= next_pass:
+                next_pass = time.monotonic() + interval
+                reconciler.run_once()
+            else:
+                reconciler.requeue_due()
         except Exception:
             log.exception("reconcile_failed")
 
@@ -131,7 +141,10 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None,
     log.info("worker_started", queues=names, manifest=str(settings.manifest),
              revision=executor.manifests.current().revision)
     try:
-        worker.work(burst=burst, logging_level="WARNING", with_scheduler=True)
+        # No RQ scheduler: it forks a child that would inherit (and, if this process
+        # is killed, keep open) our database connections; due retries are requeued by
+        # the loop above instead.
+        worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
     finally:
         stop.set()
         executor.store.close()

@@ -28,6 +28,7 @@ import yaml
 from api.app import create_app
 from runner.client import RunnerClient
 from runner.domain import Role
+from runner.keys import Keys
 from runner.migrate import upgrade
 from runner.publish import publish
 from runner.sandbox import MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
@@ -183,29 +184,55 @@ def _free_port() -> int:
         return port
 
 
+class ApiServer:
+    """The real app under uvicorn on a loopback port, in a thread of this process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
+            access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("API server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
 @pytest.fixture(scope="session")
 def api_url(settings: Settings) -> Iterator[str]:
-    """The real app under uvicorn on a loopback port, in a thread of this process."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("API server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    server = ApiServer(settings)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def api_with(settings: Settings) -> Iterator[Callable[..., str]]:
+    """Start an extra API server with some settings changed; stopped after the test."""
+    servers: list[ApiServer] = []
+
+    def go(**changes: Any) -> str:
+        server = ApiServer(settings.model_copy(update=changes))
+        servers.append(server)
+        return server.url
+
+    yield go
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
 def keys(store: Store) -> dict[str, str]:
     """Plaintext keys: one per role in tenant "acme", and an admin of tenant "other"."""
-    made = {role.value: store.create_key(tenant="acme", role=role)[1] for role in Role}
-    made["other"] = store.create_key(tenant="other", role=Role.ADMIN)[1]
+    made = {role.value: Keys(store).create(tenant="acme", role=role)[1] for role in Role}
+    made["other"] = Keys(store).create(tenant="other", role=Role.ADMIN)[1]
     return made
 
 
@@ -294,7 +321,11 @@ def rel_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
 
 
 def rel_entries(published: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The reliability suite's processors: sample images under retry policies."""
+    """The reliability suite's processors: sample images under retry policies.
+
+    Names differ from the main manifest's: the main stack's reconciler shares the
+    database and leaves runs of processors its manifest does not know alone.
+    """
     def like(image_of: str, **entry: Any) -> dict[str, Any]:
         base = published[image_of]
         return {"image": base["image"], "version": "1.0.0",
@@ -302,7 +333,7 @@ def rel_entries(published: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
 
     fast = {"initial": "100ms", "max": "300ms"}
     return {
-        "echo": like("echo", name="echo",
+        "rel-echo": like("echo", name="rel-echo",
                      retry={"max_attempts": 3, "backoff": fast, "on": ["worker_lost"]}),
         "slow": like("sleep", name="slow", retry={"max_attempts": 4, "backoff": fast,
                                                   "on": ["worker_lost", "docker_unavailable"]}),

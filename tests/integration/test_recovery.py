@@ -19,11 +19,12 @@ import yaml
 
 from runner.client import ApiError, RunnerClient
 from runner.domain import ErrorCode, RunStatus
+from runner.keys import Keys
 from runner.lifecycle import Lifecycle
 from runner.manifest import load_manifest
 from runner.queue import RunQueue
 from runner.runs import Submission, submit
-from runner.sandbox import ATTEMPT_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
+from runner.sandbox import ATTEMPT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
 from runner.settings import Settings
 from runner.store import Finish, Store
 from runner.worker import build_reconciler
@@ -177,7 +178,7 @@ def test_dead_letter_view_and_replay_in_the_api(start_worker: StartWorker, store
     wait_terminal(store, run.id)
     from runner.domain import Role
 
-    _, key = store.create_key(tenant="rel", role=Role.SUBMITTER)
+    _, key = Keys(store).create(tenant="rel", role=Role.SUBMITTER)
     with RunnerClient(api_url, key) as rel:
         listed = rel.runs(status="dead_letter", limit=200)["items"]
         assert run.id in [r["id"] for r in listed]
@@ -190,7 +191,8 @@ def test_dead_letter_view_and_replay_in_the_api(start_worker: StartWorker, store
         again = rel.replay(run.id)
         assert again["replay_of"] == run.id and again["status"] == "queued"
         assert again["input"] == {"code": 75} and again["id"] != run.id
-        parked = submit(Submission(tenant="rel", processor="echo", version=None, input={}),
+        parked = submit(Submission(tenant="rel", processor="rel-echo", version=None,
+                                   input={}),
                         manifest=load_manifest(rel_settings.manifest), store=store,
                         queue=RunQueue.from_url(rel_settings.redis_url),
                         default_queue=f"parked-{SESSION}", stop_grace_seconds=1)
@@ -284,22 +286,24 @@ def _container(client: docker.DockerClient, labels: dict[str, str]) -> str:
 def test_reconciler_removes_exactly_the_right_containers(
         store: Store, rel_settings: Settings, docker_client: docker.DockerClient) -> None:
     lifecycle = Lifecycle(store)
-    ended = submit_rel(store, rel_settings, "echo", {})
+    ended = submit_rel(store, rel_settings, "rel-echo", {})
     lifecycle.cancel(ended.id, tenant=None)
     live = submit_rel(store, rel_settings, "slow", {})
     claim = lifecycle.claim(live.id, attempt=1, worker_id=f"sweep-{SESSION}",
                             lease_seconds=600)
     assert claim.run is not None
-    worker = {WORKER_LABEL: f"sweep-{SESSION}"}
+    ours = {MANAGED_LABEL: "true", INSTANCE_LABEL: rel_settings.instance,
+            WORKER_LABEL: f"sweep-{SESSION}"}
     made = {
-        "ended run": _container(docker_client, {MANAGED_LABEL: "true", RUN_LABEL: ended.id,
-                                                ATTEMPT_LABEL: "1", **worker}),
-        "unknown run": _container(docker_client, {MANAGED_LABEL: "true", **worker,
-                                                  RUN_LABEL: str(uuid.uuid4())}),
-        "stale attempt": _container(docker_client, {MANAGED_LABEL: "true", RUN_LABEL: live.id,
-                                                    ATTEMPT_LABEL: "0", **worker}),
-        "live attempt": _container(docker_client, {MANAGED_LABEL: "true", RUN_LABEL: live.id,
-                                                   ATTEMPT_LABEL: "1", **worker}),
+        "ended run": _container(docker_client, {**ours, RUN_LABEL: ended.id,
+                                                ATTEMPT_LABEL: "1"}),
+        "unknown run": _container(docker_client, {**ours, RUN_LABEL: str(uuid.uuid4())}),
+        "stale attempt": _container(docker_client, {**ours, RUN_LABEL: live.id,
+                                                    ATTEMPT_LABEL: "0"}),
+        "live attempt": _container(docker_client, {**ours, RUN_LABEL: live.id,
+                                                   ATTEMPT_LABEL: "1"}),
+        "another deployment's": _container(docker_client, {
+            **ours, INSTANCE_LABEL: "someone-else", RUN_LABEL: str(uuid.uuid4())}),
         "unlabelled": _container(docker_client, {"purpose": f"not-ours-{SESSION}"}),
     }
     try:

@@ -12,7 +12,7 @@ import docker
 import pytest
 
 from runner.client import RunnerClient
-from runner.sandbox import ATTEMPT_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
+from runner.sandbox import ATTEMPT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
 from runner.settings import Settings
 from runner.store import Store
 from tests.integration.conftest import WorkerProcess, containers_of
@@ -86,6 +86,7 @@ def test_live_container_is_locked_down(client: RunnerClient, worker: WorkerProce
     assert int(host["LogConfig"]["Config"]["max-size"]) > 0
     # Who it is: labels and a deterministic name.
     assert config["Labels"][MANAGED_LABEL] == "true"
+    assert config["Labels"][INSTANCE_LABEL] == settings.instance
     assert config["Labels"][RUN_LABEL] == run["id"]
     assert config["Labels"][ATTEMPT_LABEL] == "1"
     assert config["Labels"][WORKER_LABEL] == settings.worker_id

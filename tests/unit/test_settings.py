@@ -59,3 +59,15 @@ def test_heartbeat_must_be_below_the_lease(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert "RUNNER_HEARTBEAT_SECONDS" in caught.value.message
+
+
+def test_instance_is_derived_from_the_database_without_its_password(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNNER_DATABASE_URL", "postgresql://u:one@h/db")
+    first = load_settings().instance
+    monkeypatch.setenv("RUNNER_DATABASE_URL", "postgresql://u:two@h/db")
+    assert load_settings().instance == first  # a rotated password is the same deployment
+    monkeypatch.setenv("RUNNER_DATABASE_URL", "postgresql://u:two@h/other")
+    assert load_settings().instance != first
+    monkeypatch.setenv("RUNNER_INSTANCE_NAME", "blue")
+    assert load_settings().instance == "blue"
