@@ -50,7 +50,8 @@ def _timestamp(value: str | None, field: str) -> datetime | None:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise InvalidRequestError(f"{field}: not an ISO 8601 date-time", field=field) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    # Stored times are UTC (SQLite keeps no zone), so compare in UTC.
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _run_or_404(svc: Services, run_id: str, who: Principal) -> Run:
@@ -144,6 +145,9 @@ def cancel_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
 def replay_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
                svc: Annotated[Services, Depends(services)]) -> RunOut:
     """A new run of an ended run's processor version and input, linked by `replay_of`."""
+    svc.limiter.hit(f"tenant-submissions:{who.tenant}",
+                    limit=svc.settings.tenant_submissions_per_minute, window_seconds=60,
+                    what=f"submissions for tenant {who.tenant}")
     return RunOut.of(replay(run_id, tenant=who.tenant, manifest=svc.manifests.current(),
                             store=svc.store, queue=svc.queue, default_queue=svc.settings.queue,
                             stop_grace_seconds=svc.settings.stop_grace_seconds,

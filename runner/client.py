@@ -98,17 +98,29 @@ class RunnerClient:
                              params={"offset": offset}).content
 
     def follow_logs(self, run_id: str, *, offset: int = 0) -> Iterator[bytes]:
-        """Output as it is captured, until the run ends."""
-        try:
-            with self._http.stream("GET", f"/v1/runs/{run_id}/logs",
-                                   params={"offset": offset, "follow": "true"},
-                                   timeout=httpx.Timeout(30, read=None)) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    self._check(response)
-                yield from response.iter_bytes()
-        except httpx.TransportError as exc:
-            raise RunnerError(f"log stream broke: {exc}") from exc
+        """Output as it is captured, until the run ends.
+
+        The server ends a follow stream after RUNNER_FOLLOW_MAX_SECONDS; this resumes
+        from the last byte received until the run has ended.
+        """
+        while True:
+            try:
+                with self._http.stream("GET", f"/v1/runs/{run_id}/logs",
+                                       params={"offset": offset, "follow": "true"},
+                                       timeout=httpx.Timeout(30, read=None)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        self._check(response)
+                    for chunk in response.iter_bytes():
+                        offset += len(chunk)
+                        yield chunk
+            except httpx.TransportError as exc:
+                raise RunnerError(f"log stream broke: {exc}") from exc
+            if self.run(run_id)["status"] in TERMINAL:
+                tail = self.logs(run_id, offset=offset)
+                if tail:
+                    yield tail
+                return
 
     def wait(self, run_id: str, *, timeout: float = 600, poll: float = 0.1) -> dict[str, Any]:
         """Poll until the run ends; its final state.

@@ -264,5 +264,6 @@ class Lifecycle:
                 RunRow.status == Q.value, RunRow.cancel_requested_at.is_(None),
                 or_(and_(RunRow.next_attempt_at.is_(None), RunRow.created_at < older_than),
                     RunRow.next_attempt_at <= now),
-            ).order_by(RunRow.next_attempt_at).limit(limit))
+            ).order_by(RunRow.next_attempt_at.is_(None), RunRow.next_attempt_at,
+                       RunRow.id).limit(limit))
             return [Run.from_row(r) for r in rows]

@@ -34,6 +34,7 @@ from runner.store import Finish, Run, Store, utcnow
 log = structlog.get_logger(__name__)
 
 LOCK_KEY = "runner:reconciler:lock"
+FOREIGN_RUN_PATIENCE_SECONDS = 300
 
 
 @dataclass
@@ -84,16 +85,24 @@ class Reconciler:
                      removed_containers=report.removed_containers)
         return report
 
-    def _known(self, run: Run) -> RetryPolicy | None:
-        """The run's retry policy, or None when this reconciler's manifest lacks its
-        processor version: then another reconciler (another pool, another manifest)
-        owns the decision, and guessing a default policy could dead-letter it."""
+    def _policy(self, run: Run) -> RetryPolicy | None:
+        """The run's retry policy; None while another pool may own the decision.
+
+        When this reconciler's manifest lacks the processor version, a worker pool
+        with another manifest may know it: leave the run to that pool's reconciler for
+        a while, then (the version was removed, say) end it under the default policy.
+        """
         found = self.manifests.current().find(run.processor, run.version)
-        return found.retry if found is not None else None
+        if found is not None:
+            return found.retry
+        expired = run.lease_expires_at or run.started_at or utcnow()
+        if utcnow() - expired < timedelta(seconds=FOREIGN_RUN_PATIENCE_SECONDS):
+            return None
+        return RetryPolicy()
 
     def _expire_leases(self, report: Report) -> None:
         for run in self.lifecycle.expired_leases():
-            policy = self._known(run)
+            policy = self._policy(run)
             if self.sandbox is None or policy is None:
                 continue  # without the engine we cannot be sure the container is gone
             # The old container dies first, so the retry never overlaps it.
@@ -124,8 +133,6 @@ class Reconciler:
         cutoff = utcnow() - timedelta(seconds=self.grace_seconds)
         requeued: list[str] = []
         for run in self.lifecycle.due_queued(older_than=cutoff):
-            if self._known(run) is None:
-                continue
             try:
                 if self.queue.holds(run):
                     continue

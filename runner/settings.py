@@ -95,6 +95,8 @@ class Settings(BaseSettings):
         if self.instance_name:
             return self.instance_name
         url = re.sub(r"//([^:/@]+):[^@]*@", r"//\1@", self.database_url)
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            url = f"sqlite:///{Path(url.removeprefix('sqlite:///')).resolve()}"
         return hashlib.sha256(url.encode()).hexdigest()[:16]
 
     @property
