@@ -45,7 +45,6 @@ RUN_LABEL = "io.container-runner.run-id"
 ATTEMPT_LABEL = "io.container-runner.attempt"
 WORKER_LABEL = "io.container-runner.worker-id"
 
-INPUT_PATH = "/run/input.json"
 # Inside the container: a private tmpfs, not the host's /tmp.
 CONTAINER_TMP = "/tmp"  # noqa: S108
 RESULT_PATH = "/run/out/result.json"
@@ -66,7 +65,6 @@ class SandboxConfig:
     tmp_size_bytes: int = 64 * 1024 * 1024
     stop_grace_seconds: float = 5.0
     result_max_bytes: int = 1024 * 1024
-    pull_timeout_seconds: float = 300.0
     instance: str = "default"
 
 

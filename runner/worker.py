@@ -56,7 +56,6 @@ def sandbox_config(settings: Settings) -> SandboxConfig:
     return SandboxConfig(user=settings.container_user, tmp_size_bytes=settings.tmp_size,
                          stop_grace_seconds=settings.stop_grace_seconds,
                          result_max_bytes=settings.result_max_bytes,
-                         pull_timeout_seconds=settings.pull_timeout_seconds,
                          instance=settings.instance)
 
 

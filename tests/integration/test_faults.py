@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import docker
+import pytest
 
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import ServiceUnavailableError
@@ -49,31 +50,24 @@ def test_sigkill_worker_mid_run(start_worker: StartWorker, store: Store,
     assert recovered_after < 60, recovered_after  # 3 s lease + 1 s reconcile + 3 s run
 
 
-def test_sigkill_between_dequeue_and_claim(start_worker: StartWorker, store: Store,
-                                           rel_settings: Settings) -> None:
-    doomed = start_worker("doomed", env={"RUNNER_FAULT_POINTS": "before_claim"})
-    run = submit_rel(store, rel_settings, "rel-echo", {"message": "survive"})
+@pytest.mark.parametrize(("point", "left_as", "attempt_errors"), [
+    ("before_claim", RunStatus.QUEUED, [None]),
+    ("after_container_exit", RunStatus.RUNNING, [ErrorCode.WORKER_LOST, None]),
+], ids=["between dequeue and claim", "after the container exits, before the record"])
+def test_sigkill_at_a_fault_point(start_worker: StartWorker, store: Store,
+                                  rel_settings: Settings, docker_client: docker.DockerClient,
+                                  point: str, left_as: RunStatus,
+                                  attempt_errors: list[ErrorCode | None]) -> None:
+    doomed = start_worker("doomed", env={"RUNNER_FAULT_POINTS": point})
+    run = submit_rel(store, rel_settings, "rel-echo", {"message": point})
     doomed.process.wait(30)
     assert "fault_injected" in doomed.log()
-    assert store.get_run(run.id).status is RunStatus.QUEUED  # type: ignore[union-attr]
+    assert store.get_run(run.id).status is left_as  # type: ignore[union-attr]
     start_worker("rescuer")
     final = wait_terminal(store, run.id)
-    assert (final.status, final.attempt) == (RunStatus.SUCCEEDED, 1)
-    assert len(store.attempts(run.id)) == 1
-
-
-def test_sigkill_after_container_exit_before_record(
-        start_worker: StartWorker, store: Store, rel_settings: Settings,
-        docker_client: docker.DockerClient) -> None:
-    doomed = start_worker("doomed", env={"RUNNER_FAULT_POINTS": "after_container_exit"})
-    run = submit_rel(store, rel_settings, "rel-echo", {"message": "twice?"})
-    doomed.process.wait(30)
-    assert "fault_injected" in doomed.log()
-    assert store.get_run(run.id).status is RunStatus.RUNNING  # type: ignore[union-attr]
-    start_worker("rescuer")
-    final = wait_terminal(store, run.id)
-    assert (final.status, final.attempt) == (RunStatus.SUCCEEDED, 2)
-    assert [a["error_code"] for a in store.attempts(run.id)] == [ErrorCode.WORKER_LOST, None]
+    assert (final.status, final.attempt) == (RunStatus.SUCCEEDED, len(attempt_errors))
+    assert [a["error_code"] for a in store.attempts(run.id)] == attempt_errors
+    assert final.result == {"echo": {"message": point}}
     assert containers_of(docker_client, run.id) == []
 
 
