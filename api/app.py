@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -11,12 +12,14 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from api.deps import Services
+from api.metrics import ApiMetrics
 from api.routes import router
 from runner import __version__
 from runner.errors import (
@@ -67,6 +70,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
                     "container, and follow them. Authenticate with `Authorization: Bearer`.",
     )
     app.state.services = services or Services.build(settings)
+    metrics = ApiMetrics(app.state.services.store, app.state.services.manifests)
+    app.state.metrics = metrics
     app.include_router(router)
     if settings.cors_origin_list:  # none by default: browsers get no cross-origin access
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
@@ -95,7 +100,12 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             response = _error(request, 411, "length_required",
                               "send the body with a Content-Length header")
         else:
+            started = time.perf_counter()
             response = await call_next(request)
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+            metrics.latency.labels(request.method, path).observe(time.perf_counter() - started)
         response.headers["X-Request-ID"] = request_id
         structlog.contextvars.unbind_contextvars("request_id")
         return response
@@ -146,6 +156,12 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     def healthz() -> dict[str, str]:
         """The process is alive."""
         return {"status": "ok"}
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def metrics_endpoint() -> PlainTextResponse:
+        """Prometheus text format."""
+        return PlainTextResponse(generate_latest(metrics.registry),
+                                 media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -64,7 +64,7 @@ def _run_or_404(svc: Services, run_id: str, who: Principal) -> Run:
 @router.post("/runs", status_code=202, response_model=RunOut,
              responses={503: {"model": ErrorOut, "description": "Database unavailable"}})
 def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
-               svc: Annotated[Services, Depends(services)],
+               svc: Annotated[Services, Depends(services)], request: Request,
                idempotency_key: Annotated[str | None, Header(
                    alias="Idempotency-Key", min_length=1, max_length=128,
                    description="The same key with the same body returns the same run")] = None,
@@ -82,6 +82,7 @@ def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
         input_max_bytes=svc.settings.input_max_bytes,
         max_active=svc.settings.tenant_max_active_runs,
     )
+    request.app.state.metrics.submitted.labels(run.processor).inc()
     return RunOut.of(run)
 
 

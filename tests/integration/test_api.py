@@ -204,3 +204,25 @@ def test_input_over_its_cap_is_refused(store: Store, settings: Any) -> None:
     assert caught.value.context["field"] == "input"
     assert "over the 100 byte cap" in caught.value.message
     assert store.list_runs(tenant="capped", limit=10)[0] == before == []
+
+
+def test_metrics_count_what_happened(api_url: str, client: RunnerClient) -> None:
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"{api_url}/metrics").text
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    before = scrape()
+    for _ in range(3):
+        client.submit("exit", {"code": 0})
+    after = scrape()
+    key = 'runner_runs_submitted_total{processor="exit"}'
+    assert after[key] - before.get(key, 0) == 3
+    posted = 'runner_api_requests_total{method="POST",route="/v1/runs",status="202"}'
+    assert after[posted] - before.get(posted, 0) == 3
+    assert after['runner_manifest_reloads_total{result="refused"}'] == 0
+    assert any(k.startswith("runner_runs{status=") for k in after)
