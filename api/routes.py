@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
@@ -42,6 +42,21 @@ TAIL_LINES = 20
 TAIL_BYTES = 16 * 1024
 
 
+def _count_submission(svc: Services, who: Principal) -> None:
+    """Raises: RateLimitedError past the tenant's submissions per minute."""
+    svc.limiter.hit(f"tenant-submissions:{who.tenant}",
+                    limit=svc.settings.tenant_submissions_per_minute, window_seconds=60,
+                    what=f"submissions for tenant {who.tenant}")
+
+
+def _submit_options(svc: Services) -> dict[str, Any]:
+    """The settings every new run (submitted or replayed) is made under."""
+    return {"default_queue": svc.settings.queue,
+            "stop_grace_seconds": svc.settings.stop_grace_seconds,
+            "input_max_bytes": svc.settings.input_max_bytes,
+            "max_active": svc.settings.tenant_max_active_runs}
+
+
 def _timestamp(value: str | None, field: str) -> datetime | None:
     """An ISO 8601 date-time with its zone (naive ones are taken as UTC); nothing else."""
     if value is None:
@@ -70,18 +85,13 @@ def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
                    description="The same key with the same body returns the same run")] = None,
                ) -> RunOut:
     """Submit a run of an allowlisted processor; answers with the queued run."""
-    svc.limiter.hit(f"tenant-submissions:{who.tenant}",
-                    limit=svc.settings.tenant_submissions_per_minute, window_seconds=60,
-                    what=f"submissions for tenant {who.tenant}")
+    _count_submission(svc, who)
     run = submit(
         Submission(tenant=who.tenant, processor=body.processor, version=body.version,
                    input=body.input, timeout_seconds=body.timeout_seconds, labels=body.labels,
                    idempotency_key=idempotency_key),
         manifest=svc.manifests.current(), store=svc.store, queue=svc.queue,
-        default_queue=svc.settings.queue, stop_grace_seconds=svc.settings.stop_grace_seconds,
-        input_max_bytes=svc.settings.input_max_bytes,
-        max_active=svc.settings.tenant_max_active_runs,
-    )
+        **_submit_options(svc))
     request.app.state.metrics.submitted.labels(run.processor).inc()
     return RunOut.of(run)
 
@@ -144,16 +154,13 @@ def cancel_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
              responses={404: {"model": ErrorOut, "description": "No such run"},
                         409: {"model": ErrorOut, "description": "The run has not ended"}})
 def replay_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
-               svc: Annotated[Services, Depends(services)]) -> RunOut:
+               svc: Annotated[Services, Depends(services)], request: Request) -> RunOut:
     """A new run of an ended run's processor version and input, linked by `replay_of`."""
-    svc.limiter.hit(f"tenant-submissions:{who.tenant}",
-                    limit=svc.settings.tenant_submissions_per_minute, window_seconds=60,
-                    what=f"submissions for tenant {who.tenant}")
-    return RunOut.of(replay(run_id, tenant=who.tenant, manifest=svc.manifests.current(),
-                            store=svc.store, queue=svc.queue, default_queue=svc.settings.queue,
-                            stop_grace_seconds=svc.settings.stop_grace_seconds,
-                            input_max_bytes=svc.settings.input_max_bytes,
-                            max_active=svc.settings.tenant_max_active_runs))
+    _count_submission(svc, who)
+    run = replay(run_id, tenant=who.tenant, manifest=svc.manifests.current(),
+                 store=svc.store, queue=svc.queue, **_submit_options(svc))
+    request.app.state.metrics.submitted.labels(run.processor).inc()
+    return RunOut.of(run)
 
 
 @router.get("/runs/{run_id}/logs", response_class=Response,

@@ -138,16 +138,19 @@ def db_upgrade() -> None:
     typer.echo("database schema is current")
 
 
+def _keys() -> Any:
+    from runner.keys import Keys
+    from runner.store import Store
+
+    return Keys(Store(settings().database_url))
+
+
 @keys_app.command("create")
 @command
 def keys_create(tenant: Annotated[str, typer.Option()],
                 role: Annotated[Role, typer.Option()] = Role.SUBMITTER) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
-    from runner.keys import Keys
-    from runner.store import Store
-
-    store = Store(settings().database_url)
-    key, plaintext = Keys(store).create(tenant=tenant, role=role)
+    key, plaintext = _keys().create(tenant=tenant, role=role)
     typer.echo(plaintext)
     typer.echo(f"key {key.id}: tenant {key.tenant}, role {key.role} "
                "(shown once; only its hash is stored)", err=True)
@@ -157,10 +160,7 @@ def keys_create(tenant: Annotated[str, typer.Option()],
 @command
 def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
     """List keys (ids, tenants, roles, use); never a secret."""
-    from runner.keys import Keys
-    from runner.store import Store
-
-    for key in Keys(Store(settings().database_url)).list(tenant=tenant):
+    for key in _keys().list(tenant=tenant):
         state = "revoked" if key["revoked_at"] else "active"
         used = key["last_used_at"].isoformat() if key["last_used_at"] else "never"
         typer.echo(f"{key['prefix']}...  {key['tenant']:<16} {key['role']:<9} {state:<8} "
@@ -172,10 +172,7 @@ def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id, prefix or whole key")]
                 ) -> None:
     """Revoke a key; it gets 401 from the next request on."""
-    from runner.keys import Keys
-    from runner.store import Store
-
-    if not Keys(Store(settings().database_url)).revoke(key_id):
+    if not _keys().revoke(key_id):
         fail(f"no active key {key_id}")
     typer.echo(f"revoked {key_id}")
 

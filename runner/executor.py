@@ -231,11 +231,10 @@ class Executor:
         guard = AttemptGuard(self.lifecycle, self.sandbox, run, self.lease_seconds,
                              self.heartbeat_seconds)
         guard.start()
-        policy = RetryPolicy()
+        # The allowlist lookup above, made after the job was dequeued, is the launch-time
+        # check: `_attempt` refuses the run if that pin no longer matches its image.
+        policy = processor.retry if processor is not None else RetryPolicy()
         try:
-            processor = self.manifests.current().find(run.processor, run.version)
-            if processor is not None:
-                policy = processor.retry
             finish = self._attempt(run, processor, guard)
         except (SystemExit, KeyboardInterrupt):
             # Cold shutdown: the container is gone (the sandbox removes it on the way

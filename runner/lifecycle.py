@@ -14,14 +14,14 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import ConflictError, NotFoundError
-from runner.models import AttemptRow, LogChunkRow, RunRow, SlotRow
-from runner.store import Finish, Run, Store, _changed, utcnow
+from runner.models import AttemptRow, RunRow, SlotRow
+from runner.store import Finish, Run, Store, _changed, captured_bytes, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -179,8 +179,7 @@ class Lifecycle:
             "log_truncated": RunRow.log_truncated | outcome.log_truncated,
             "lease_expires_at": None, "next_attempt_at": outcome.next_attempt_at,
             "finished_at": now if terminal else None,
-            "log_bytes": select(func.coalesce(func.sum(func.length(LogChunkRow.data)), 0))
-            .where(LogChunkRow.run_id == run_id).scalar_subquery(),
+            "log_bytes": captured_bytes(run_id).scalar_subquery(),
         }
         with self.store.session() as session:
             if _changed(session, update(RunRow).where(*conditions).values(**values)

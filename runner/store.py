@@ -21,6 +21,7 @@ from sqlalchemy import (
     Engine,
     Executable,
     LargeBinary,
+    Select,
     create_engine,
     event,
     func,
@@ -157,6 +158,12 @@ def decode_cursor(cursor: str) -> str:
     if len(value) != 36:
         raise InvalidRequestError("invalid cursor", field="cursor")
     return value
+
+
+def captured_bytes(run_id: str) -> Select[Any]:
+    """Bytes of output stored for a run, over every attempt (a query to run or embed)."""
+    return (select(func.coalesce(func.sum(func.length(LogChunkRow.data)), 0))
+            .where(LogChunkRow.run_id == run_id))
 
 
 def _changed(session: Session, statement: Executable) -> int:
@@ -351,9 +358,7 @@ class Store:
     def log_offset(self, run_id: str) -> int:
         """Bytes of output captured so far, over every attempt."""
         with self.session() as session:
-            total = session.scalar(
-                select(func.coalesce(func.sum(func.length(LogChunkRow.data)), 0))
-                .where(LogChunkRow.run_id == run_id))
+            total = session.scalar(captured_bytes(run_id))
         return int(total or 0)
 
     def attempts(self, run_id: str) -> list[dict[str, Any]]:
