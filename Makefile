@@ -5,7 +5,7 @@ VENV := var/venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: bootstrap services images demo down test lint typecheck unit integration bench clean
+.PHONY: bootstrap services images demo down test lint typecheck unit integration bench clean ops-test bench-scale
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -35,12 +35,19 @@ integration: services images
 	$(BIN)/pytest -q tests/integration
 
 test: services images lint typecheck
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q tests/unit tests/integration
 
 clean:
 	-$(BIN)/runner dev down
 	-bash scripts/services.sh stop
 
-bench: bootstrap images
-	@$(BIN)/runner dev up
-	@. var/dev/env && $(BIN)/python bench/echo_vs_docker.py
+bench: services images
+	@$(BIN)/python bench/suite.py
+
+# Scale: list latency at 100,000 runs, worker memory over 1,000 runs, a 1 GB log flood.
+bench-scale: services images
+	@$(BIN)/python bench/scale.py
+
+# docker-compose stack end to end, and every runbook's commands against a real stack.
+ops-test: services images
+	@bash scripts/ops-test.sh

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
+from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -33,6 +34,8 @@ from runner.errors import (
     ServiceUnavailableError,
 )
 from runner.settings import Settings
+from runner.telemetry import context_from
+from runner.telemetry import trace_id as trace_id_of
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +73,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
                     "container, and follow them. Authenticate with `Authorization: Bearer`.",
     )
     app.state.services = services or Services.build(settings)
-    metrics = ApiMetrics(app.state.services.store, app.state.services.manifests)
+    metrics = ApiMetrics(app.state.services)
     app.state.metrics = metrics
     app.include_router(router)
     if settings.cors_origin_list:  # none by default: browsers get no cross-origin access
@@ -101,13 +104,27 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
                               "send the body with a Content-Length header")
         else:
             started = time.perf_counter()
-            response = await call_next(request)
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
+            tracer = app.state.services.tracer
+            with tracer.start_as_current_span(
+                    f"{request.method} {request.url.path}", kind=trace.SpanKind.SERVER,
+                    context=context_from(request.headers),
+                    attributes={"http.request.method": request.method,
+                                "runner.request_id": request_id}) as span:
+                trace_id = trace_id_of(span)
+                if trace_id:
+                    structlog.contextvars.bind_contextvars(trace_id=trace_id)
+                response = await call_next(request)
+                route = request.scope.get("route")
+                path = getattr(route, "path", "unmatched")
+                span.update_name(f"{request.method} {path}")
+                span.set_attribute("http.route", path)
+                span.set_attribute("http.response.status_code", response.status_code)
+                if response.status_code >= 500:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR))
             metrics.requests.labels(request.method, path, str(response.status_code)).inc()
             metrics.latency.labels(request.method, path).observe(time.perf_counter() - started)
         response.headers["X-Request-ID"] = request_id
-        structlog.contextvars.unbind_contextvars("request_id")
+        structlog.contextvars.unbind_contextvars("request_id", "trace_id")
         return response
 
     @app.exception_handler(RunnerError)

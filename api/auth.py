@@ -10,7 +10,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from api.deps import Services, services
 from runner.domain import Role
 from runner.errors import AuthenticationError, PermissionDeniedError
-from runner.keys import Keys
 
 _bearer = HTTPBearer(auto_error=False, description="An API key made by `runner keys create`.")
 
@@ -40,7 +39,7 @@ def principal(request: Request,
     """
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise AuthenticationError("missing API key: send Authorization: Bearer <key>")
-    key = Keys(svc.store).authenticate(credentials.credentials)
+    key = svc.keys.authenticate(credentials.credentials)
     if key is None:
         raise AuthenticationError("unknown or revoked API key")
     svc.limiter.hit(f"key:{key.id}", limit=svc.settings.key_requests_per_second,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
+from opentelemetry import trace
 
+from runner.keys import Keys
 from runner.limits import RateLimiter
 from runner.manifest import ManifestSource
+from runner.notify import EndWatcher
 from runner.queue import RunQueue
 from runner.settings import Settings
 from runner.store import Store
+from runner.telemetry import build_tracer_provider, tracer_of
 
 
 @dataclass
@@ -20,13 +24,24 @@ class Services:
     manifests: ManifestSource
     queue: RunQueue
     limiter: RateLimiter
+    keys: Keys
+    tracer: trace.Tracer = field(default_factory=trace.NoOpTracer)
+    long_polls: int = 0  # GET ?wait= requests being held now (event loop only)
+    ends: EndWatcher = field(init=False)  # wakes held long polls
+
+    def __post_init__(self) -> None:
+        self.ends = EndWatcher(self.settings.redis_url, self.settings.instance)
 
     @classmethod
-    def build(cls, settings: Settings) -> Services:
+    def build(cls, settings: Settings, *, tracer: trace.Tracer | None = None) -> Services:
+        """`tracer` defaults to one built from the trace settings (a no-op when off)."""
         queue = RunQueue.from_url(settings.redis_url)
-        return cls(settings=settings, store=Store(settings.database_url),
+        if tracer is None:
+            tracer = tracer_of(build_tracer_provider(settings, "api"))
+        store = Store(settings.database_url)
+        return cls(settings=settings, store=store,
                    manifests=ManifestSource(settings.manifest), queue=queue,
-                   limiter=RateLimiter(queue.redis))
+                   limiter=RateLimiter(queue.redis), keys=Keys(store), tracer=tracer)
 
 
 def services(request: Request) -> Services:

@@ -4,43 +4,45 @@ no tenant data). One registry per app, so several apps in one process do not cla
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from runner.manifest import ManifestSource
+from runner.metrics import ManifestCollector, QueueDepthCollector
 from runner.models import RunRow
 from runner.store import Store
 
+if TYPE_CHECKING:
+    from api.deps import Services
 
-class _StateCollector(Collector):
-    """Read at scrape time: runs by status from the database, manifest reloads."""
 
-    def __init__(self, store: Store, manifests: ManifestSource) -> None:
-        self.store, self.manifests = store, manifests
+class _RunsCollector(Collector):
+    """Runs by status, from the database at scrape time (the fleet-wide view)."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         runs = GaugeMetricFamily("runner_runs", "Runs by status (all tenants)",
                                  labels=["status"])
+        up = GaugeMetricFamily("runner_database_up", "1 when the database answered this scrape")
         try:
             with self.store.session() as session:
                 for status, count in session.execute(
                         select(RunRow.status, func.count()).group_by(RunRow.status)):
                     runs.add_metric([status], count)
-        except Exception:  # noqa: BLE001, S110 - a scrape must not fail with the database
-            pass
+            up.add_metric([], 1)
+        except Exception:  # noqa: BLE001 - a scrape must not fail with the database
+            up.add_metric([], 0)
         yield runs
-        reloads = CounterMetricFamily("runner_manifest_reloads", "Manifest reloads",
-                                      labels=["result"])
-        reloads.add_metric(["ok"], self.manifests.reloads_ok)
-        reloads.add_metric(["refused"], self.manifests.reloads_refused)
-        yield reloads
+        yield up
 
 
 class ApiMetrics:
-    def __init__(self, store: Store, manifests: ManifestSource) -> None:
+    def __init__(self, services: Services) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("runner_api_requests", "API requests",
                                 ["method", "route", "status"], registry=self.registry)
@@ -49,4 +51,13 @@ class ApiMetrics:
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
         self.submitted = Counter("runner_runs_submitted", "Runs accepted by the API",
                                  ["processor"], registry=self.registry)
-        self.registry.register(_StateCollector(store, manifests))
+        manifests = services.manifests
+
+        def queues() -> list[str]:
+            names = {services.settings.queue}
+            names.update(p.queue for p in manifests.current().processors if p.queue)
+            return sorted(names)
+
+        self.registry.register(_RunsCollector(services.store))
+        self.registry.register(ManifestCollector(manifests))
+        self.registry.register(QueueDepthCollector(services.queue.redis, queues))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from opentelemetry import trace
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal, submitter, viewer
@@ -26,8 +28,10 @@ from api.schemas import (
 from runner.domain import RunStatus
 from runner.errors import InvalidRequestError, NotFoundError
 from runner.lifecycle import Lifecycle
+from runner.notify import announce
 from runner.runs import Submission, replay, submit
 from runner.store import Run
+from runner.telemetry import traceparent
 
 router = APIRouter(prefix="/v1", responses={
     401: {"model": ErrorOut, "description": "Missing, unknown or revoked API key"},
@@ -69,6 +73,11 @@ def _timestamp(value: str | None, field: str) -> datetime | None:
     return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+MAX_WAIT_SECONDS = 60.0
+WAIT_CHECK_SECONDS = 0.25  # the fallback status read when no run-end notice came
+MAX_LONG_POLLS = 64  # per API process; each holds no thread between its checks
+
+
 def _run_or_404(svc: Services, run_id: str, who: Principal) -> Run:
     run = svc.store.get_run(run_id, tenant=who.tenant)
     if run is None:
@@ -89,7 +98,8 @@ def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
     run = submit(
         Submission(tenant=who.tenant, processor=body.processor, version=body.version,
                    input=body.input, timeout_seconds=body.timeout_seconds, labels=body.labels,
-                   idempotency_key=idempotency_key),
+                   idempotency_key=idempotency_key,
+                   traceparent=traceparent(trace.get_current_span())),
         manifest=svc.manifests.current(), store=svc.store, queue=svc.queue,
         **_submit_options(svc))
     request.app.state.metrics.submitted.labels(run.processor).inc()
@@ -128,17 +138,53 @@ def list_runs(who: Annotated[Principal, Depends(viewer)],
 
 @router.get("/runs/{run_id}", response_model=RunOut,
             responses={404: {"model": ErrorOut, "description": "No such run"}})
-def get_run(run_id: str, who: Annotated[Principal, Depends(viewer)],
-            svc: Annotated[Services, Depends(services)]) -> RunOut:
+async def get_run(run_id: str, who: Annotated[Principal, Depends(viewer)],
+                  svc: Annotated[Services, Depends(services)], request: Request,
+                  wait: Annotated[float, Query(
+                      ge=0, le=MAX_WAIT_SECONDS,
+                      description="Hold the answer up to this many seconds until the run "
+                                  "has ended (a long poll); 0 answers at once")] = 0,
+                  ) -> RunOut:
     """One run, with its attempts; a dead letter also carries its last log lines."""
-    run = _run_or_404(svc, run_id, who)
+    run = await run_in_threadpool(_run_or_404, svc, run_id, who)
+    if wait and not run.status.terminal and svc.long_polls < MAX_LONG_POLLS:
+        # Woken by the worker's run-end notice (Redis pub/sub), with a status read
+        # every WAIT_CHECK_SECONDS as the fallback for a lost notice. Like a follow
+        # stream, never held past RUNNER_FOLLOW_MAX_SECONDS; a process holds at most
+        # MAX_LONG_POLLS at once (past that, the answer is immediate and the client
+        # asks again).
+        svc.long_polls += 1
+        ended = svc.ends.watch(run.id)
+        try:
+            deadline = time.monotonic() + min(wait, svc.settings.follow_max_seconds)
+            while True:  # the first check also covers an end before the watch began
+                status = await run_in_threadpool(svc.store.run_status, run.id)
+                remaining = deadline - time.monotonic()
+                if status is None or RunStatus(status).terminal or remaining <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(),
+                                           timeout=min(WAIT_CHECK_SECONDS, remaining))
+                ended.clear()
+                if await request.is_disconnected():  # nobody left to answer
+                    break
+        finally:
+            svc.ends.unwatch(run.id, ended)
+            svc.long_polls -= 1
+        run = await run_in_threadpool(_run_or_404, svc, run_id, who)
+    return await run_in_threadpool(_run_view, svc, run)
+
+
+def _run_view(svc: Services, run: Run) -> RunOut:
     tail = None
     if run.status is RunStatus.DEAD_LETTER:
         start = max(0, run.log_bytes - TAIL_BYTES)
         text = svc.store.read_logs(run.id, offset=start).decode(errors="replace")
         tail = text.splitlines()[-TAIL_LINES:]
-    return RunOut.of(run, attempts=[AttemptOut(**a) for a in svc.store.attempts(run.id)],
-                     last_log_lines=tail)
+    attempts = [AttemptOut(**a) for a in svc.store.attempts(run.id)]
+    receipts = [a.provenance for a in attempts if a.provenance]
+    return RunOut.of(run, attempts=attempts, last_log_lines=tail,
+                     provenance=receipts[-1] if receipts else None)
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunOut,
@@ -147,7 +193,10 @@ def get_run(run_id: str, who: Annotated[Principal, Depends(viewer)],
 def cancel_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
                svc: Annotated[Services, Depends(services)]) -> RunOut:
     """Cancel: a queued run never starts; a running one is stopped within its grace."""
-    return RunOut.of(Lifecycle(svc.store).cancel(run_id, tenant=who.tenant))
+    run = Lifecycle(svc.store).cancel(run_id, tenant=who.tenant)
+    if run.status.terminal:  # a queued run ended here; a running one ends on its worker
+        announce(svc.queue.redis, svc.settings.instance, run.id)
+    return RunOut.of(run)
 
 
 @router.post("/runs/{run_id}/replay", status_code=202, response_model=RunOut,
@@ -158,7 +207,8 @@ def replay_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
     """A new run of an ended run's processor version and input, linked by `replay_of`."""
     _count_submission(svc, who)
     run = replay(run_id, tenant=who.tenant, manifest=svc.manifests.current(),
-                 store=svc.store, queue=svc.queue, **_submit_options(svc))
+                 store=svc.store, queue=svc.queue, **_submit_options(svc),
+                 traceparent=traceparent(trace.get_current_span()))
     request.app.state.metrics.submitted.labels(run.processor).inc()
     return RunOut.of(run)
 

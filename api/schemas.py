@@ -42,6 +42,9 @@ class AttemptOut(BaseModel):
     log_bytes: int
     started_at: datetime
     finished_at: datetime | None
+    provenance: dict[str, Any] | None = Field(
+        default=None, description="What this attempt's container was asked for and what "
+                                  "the engine reports it applied")
 
 
 class RunOut(BaseModel):
@@ -76,6 +79,11 @@ class RunOut(BaseModel):
         default=None, description="Every attempt (on GET /v1/runs/{id} only)")
     last_log_lines: list[str] | None = Field(
         default=None, description="The tail of the logs, for dead letters (on GET only)")
+    provenance: dict[str, Any] | None = Field(
+        default=None,
+        description="Receipt of the latest attempt that made a container (on GET only): "
+                    "manifest revision, pinned digest, image id started, and the limits "
+                    "and security settings the engine reports it applied")
 
     @classmethod
     def of(cls, run: Run, **extra: Any) -> RunOut:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import random
 import secrets
+import socket
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -56,11 +59,12 @@ def fill(store: Store, count: int) -> None:
         session.execute(__import__("sqlalchemy").text("ANALYZE runs"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=100_000)
-    parser.add_argument("--requests", type=int, default=200)
-    args = parser.parse_args()
+QUERIES = ("first page (limit 50)", "status=failed", "processor=echo", "label batch=13 (1%)",
+           "created in last 10 days", "deep page (cursor)")
+
+
+def measure(runs: int, requests: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fill a fresh database with `runs` runs; p50/p99 ms of each list query over HTTP."""
     name = f"runner_list_{secrets.token_hex(3)}"
     with psycopg.connect(PG, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -71,54 +75,76 @@ def main() -> None:
                                  key_requests_per_second=0, log_level="warning")
         store = Store(url)
         started = time.monotonic()
-        fill(store, args.runs)
-        print(f"inserted {args.runs} runs in {time.monotonic() - started:.1f}s")
+        fill(store, runs)
+        log(f"inserted {runs} runs in {time.monotonic() - started:.1f}s")
         _, key = Keys(store).create(tenant="t3", role=Role.VIEWER)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
-                                               port=8765, log_level="warning"))
+                                               port=port, log_level="warning"))
         threading.Thread(target=server.run, daemon=True).start()
         while not server.started:
             time.sleep(0.05)
-        http = httpx.Client(base_url="http://127.0.0.1:8765",
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}",
                             headers={"Authorization": f"Bearer {key}"})
         deep = http.get("/v1/runs", params={"limit": 200}).json()
         for _ in range(20):  # walk 4,200 runs in
+            if not deep.get("next_cursor"):
+                break
             deep = http.get("/v1/runs", params={"limit": 200,
                                                 "cursor": deep["next_cursor"]}).json()
-        queries = {
-            "first page (limit 50)": {"limit": 50},
-            "status=failed": {"status": "failed", "limit": 50},
-            "processor=echo": {"processor": "echo", "limit": 50},
-            "label batch=13 (1%)": {"label": "batch=13", "limit": 50},
-            "created in last 10 days": {"created_after": (datetime.now(UTC)
-                                                          - timedelta(days=10)).isoformat(),
-                                        "limit": 50},
-            "deep page (cursor)": {"limit": 50, "cursor": deep["next_cursor"]},
-        }
-        lines = [f"{'query':<24}{'p50 ms':>10}{'p99 ms':>10}"]
-        print(lines[0])
+        queries: dict[str, dict[str, Any]] = dict(zip(QUERIES, [
+            {"limit": 50},
+            {"status": "failed", "limit": 50},
+            {"processor": "echo", "limit": 50},
+            {"label": "batch=13", "limit": 50},
+            {"created_after": (datetime.now(UTC) - timedelta(days=10)).isoformat(),
+             "limit": 50},
+            {"limit": 50, **({"cursor": deep["next_cursor"]} if deep.get("next_cursor")
+                             else {})},
+        ], strict=True))
+        results: dict[str, Any] = {}
         for label, params in queries.items():
             times = []
-            for _ in range(args.requests):
+            for _ in range(requests):
                 t = time.perf_counter()
                 response = http.get("/v1/runs", params=params)
                 times.append((time.perf_counter() - t) * 1000)
                 assert response.status_code == 200, response.text
             times.sort()
-            line = (f"{label:<24}{statistics.median(times):>10.1f}"
-                    f"{times[int(len(times) * 0.99) - 1]:>10.1f}")
-            print(line)
-            lines.append(line)
-        (ROOT / "bench" / "results").mkdir(exist_ok=True)
-        (ROOT / "bench" / "results" / "list_latency.txt").write_text(
-            f"# GET /v1/runs at {args.runs} runs (10 tenants), PostgreSQL, "
-            f"{args.requests} requests each, {datetime.now(UTC):%Y-%m-%d}\n"
-            + "\n".join(lines) + "\n")
+            results[label] = {"p50_ms": round(statistics.median(times), 1),
+                              "p99_ms": round(times[max(0, int(len(times) * 0.99) - 1)], 1)}
+        http.close()
         server.should_exit = True
         store.close()
+        return {"runs": runs, "requests": requests, "queries": results}
     finally:
         with psycopg.connect(PG, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def render(measured: dict[str, Any]) -> list[str]:
+    lines = [f"{'GET /v1/runs at ' + str(measured['runs']) + ' runs':<34}{'p50 ms':>9}"
+             f"{'p99 ms':>9}"]
+    for label, figures in measured["queries"].items():
+        lines.append(f"  {label:<32}{figures['p50_ms']:>9.1f}{figures['p99_ms']:>9.1f}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=100_000)
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    measured = measure(args.runs, args.requests)
+    lines = render(measured)
+    print("\n".join(lines))
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "list_latency.txt").write_text(
+        f"# GET /v1/runs at {args.runs} runs (10 tenants), PostgreSQL, "
+        f"{args.requests} requests each, {datetime.now(UTC):%Y-%m-%d}\n"
+        + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any
 
 import typer
 import yaml
 
+from runner.cliutil import exits_on_error
 from runner.domain import Role
 from runner.errors import ManifestError, RunnerError
 from runner.logs import configure_logging
+from runner.opscli import ops_app
 from runner.settings import Settings, load_settings
 
 app = typer.Typer(help="Run allowlisted processors in locked-down containers.",
@@ -27,11 +27,10 @@ manifest_app = typer.Typer(help="The allowlist manifest.", no_args_is_help=True)
 processor_app = typer.Typer(help="Build and publish processor images.", no_args_is_help=True)
 dev_app = typer.Typer(help="The local development stack.", no_args_is_help=True)
 for sub, name in ((db_app, "db"), (keys_app, "keys"), (runs_app, "runs"),
-                  (manifest_app, "manifest"), (processor_app, "processor"), (dev_app, "dev")):
+                  (manifest_app, "manifest"), (processor_app, "processor"), (dev_app, "dev"),
+                  (ops_app, "ops")):
     app.add_typer(sub, name=name)
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -39,22 +38,8 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def command(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn the runner's errors into one line on stderr and a non-zero exit."""
-    @wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return func(*args, **kwargs)
-        except ManifestError as exc:
-            for problem in exc.problems or [exc.message]:
-                typer.echo(f"error: {problem}", err=True)
-            raise typer.Exit(1) from exc
-        except RunnerError as exc:
-            fail(exc.message)
-            raise AssertionError("unreachable") from exc
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-    return wrapper
+# Errors of the runner: one line on stderr and exit status 1.
+command = exits_on_error(1)
 
 
 def settings(service: str = "cli") -> Settings:
@@ -90,7 +75,7 @@ def api_command(host: Annotated[str | None, typer.Option()] = None,
 
     cfg = settings("api")
     uvicorn.run(create_app(cfg), host=host or cfg.api_host, port=port or cfg.api_port,
-                log_level="warning", access_log=False)
+                log_level="warning", access_log=False, log_config=None)
 
 
 @app.command("worker")
@@ -318,6 +303,34 @@ def manifest_pin(
     typer.echo(f"{path}: pinned {name} {version} to {image}")
 
 
+@manifest_app.command("diff")
+def manifest_diff(
+    old: Path, new: Path,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout")] = False,
+) -> None:
+    """Show added, removed and re-pinned processors between two manifests.
+
+    Exit 0: no differences; 1: differences; 2: a manifest is missing or invalid (diff(1)).
+    """
+    from runner.manifest import load_manifest
+    from runner.manifestdiff import EXIT_INVALID, diff_manifests
+
+    try:
+        manifests = [load_manifest(old), load_manifest(new)]
+    except ManifestError as exc:
+        for problem in exc.problems or [exc.message]:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(EXIT_INVALID) from exc
+    result = diff_manifests(*manifests)
+    if as_json:
+        _print_json(result.as_json())
+    else:
+        for line in result.lines():
+            typer.echo(line)
+        typer.echo(f"{old} -> {new}: {result.summary()}", err=True)
+    raise typer.Exit(result.exit_code)
+
+
 def _docker() -> Any:
     import docker
 
@@ -359,6 +372,55 @@ def processor_publish(directory: Path,
     if pin_to is not None:
         pin(pin_to, entry)
         typer.echo(f"pinned in {pin_to}", err=True)
+
+
+@processor_app.command("run")
+@command
+def processor_run(
+    directory: Path,
+    input: Annotated[str | None, typer.Option("--input", help="JSON or @file")] = None,
+    local_base: Annotated[bool, typer.Option(
+        help="Use the locally built runner-base images")] = False,
+    base: Annotated[str | None, typer.Option(help="Base image")] = None,
+    manifest: Annotated[Path | None, typer.Option(
+        help="Take the limits from this manifest's entry, not processor.yaml")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds, up to the limit")] = None,
+    attempt: Annotated[int, typer.Option(min=1, help="RUNNER_ATTEMPT to set")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout")] = False,
+) -> None:
+    """Build DIR and run it once, locally, in the production sandbox (no API, Redis or DB).
+
+    Prints the logs, the exit code, the outcome and the result; exit 0 only on success.
+    """
+    from runner.localrun import build_and_run, limits_text
+
+    def built(image_id: str, processor: Any) -> None:
+        limits = limits_text(processor.limits,
+                             timeout_seconds=timeout or processor.limits.timeout_seconds)
+        typer.echo(f"built {image_id[:19]}; running it once with {limits}", err=True)
+
+    def stream(chunk: bytes) -> None:
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+
+    run = build_and_run(directory, _load_input(input), settings=settings(), client=_docker(),
+                        base=base, local_base=local_base, manifest=manifest,
+                        timeout_seconds=timeout, attempt=attempt,
+                        on_log=None if as_json else stream,
+                        on_built=None if as_json else built)
+    if as_json:
+        _print_json(run.as_json())
+    else:
+        if run.logs and not run.logs.endswith(b"\n"):
+            typer.echo("")
+        body = run.as_json()
+        typer.echo(f"exit code: {body['exit_code']}")
+        typer.echo(f"outcome: {body['status']}" + (
+            f" ({body['error_code']}: {body['error_message']})" if body["error_code"] else ""))
+        typer.echo(f"in production: {body['in_production']}")
+        typer.echo("result: " + json.dumps(body["result"]))
+    if not run.succeeded:
+        raise typer.Exit(1)
 
 
 # Dev stack ----------------------------------------------------------------

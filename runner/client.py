@@ -10,6 +10,7 @@ import httpx
 
 from runner.errors import RunnerError
 
+LONG_POLL_SECONDS = 30.0
 TERMINAL = {"succeeded", "failed", "timed_out", "canceled", "dead_letter"}
 
 
@@ -130,7 +131,11 @@ class RunnerClient:
         """
         deadline = time.monotonic() + timeout
         while True:
-            run = self.run(run_id)
+            # A long poll: the server answers as soon as the run ends.
+            hold = max(0.0, min(LONG_POLL_SECONDS, deadline - time.monotonic()))
+            run: dict[str, Any] = self._request("GET", f"/v1/runs/{run_id}",
+                                                params={"wait": f"{hold:.2f}"},
+                                                timeout=hold + 30).json()
             if run["status"] in TERMINAL:
                 return run
             if time.monotonic() > deadline:

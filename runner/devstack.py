@@ -32,6 +32,8 @@ from runner.store import Store
 
 log = structlog.get_logger(__name__)
 
+DEV_WORKER_PORT = 9101  # dev worker i serves its metrics and health on 9101 + i - 1
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "processor-templates" / "samples"
 Say = Callable[[str], None]
@@ -63,8 +65,11 @@ class DevStack:
         self._spawn("api", ["api"], env)
         self._wait_healthy()
         for index in range(workers):
+            # Each worker's /metrics, /healthz and /readyz (unless the caller chose).
+            port = env.get("RUNNER_WORKER_PORT") or str(DEV_WORKER_PORT)
             self._spawn(f"worker-{index + 1}", ["worker"],
-                        {**env, "RUNNER_WORKER_ID": f"dev-worker-{index + 1}"})
+                        {**env, "RUNNER_WORKER_ID": f"dev-worker-{index + 1}",
+                         "RUNNER_WORKER_PORT": str(int(port) + index) if port != "0" else "0"})
         self.say(f"stack up: API {self.api_url}, {workers} worker(s); "
                  f"`. {self.env_file.relative_to(self.root)}` to use it")
 

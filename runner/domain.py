@@ -27,6 +27,8 @@ class ErrorCode(StrEnum):
     IMAGE_NOT_ALLOWED = "image_not_allowed"
     IMAGE_PULL_FAILED = "image_pull_failed"
     DIGEST_MISMATCH = "digest_mismatch"
+    # The engine reports limits or lockdown settings other than those asked for.
+    SANDBOX_MISMATCH = "sandbox_mismatch"
     DOCKER_UNAVAILABLE = "docker_unavailable"
     WORKER_LOST = "worker_lost"
     INVALID_INPUT = "invalid_input"

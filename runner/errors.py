@@ -131,6 +131,13 @@ class DigestMismatchError(SandboxError):
     error_code = ErrorCode.DIGEST_MISMATCH
 
 
+class SandboxMismatchError(SandboxError):
+    """The created container's settings, read back from the engine, are not the ones
+    asked for: it is removed before it starts."""
+
+    error_code = ErrorCode.SANDBOX_MISMATCH
+
+
 class PublishError(RunnerError):
     """Building or pushing a processor image failed."""
 

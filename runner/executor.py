@@ -10,18 +10,25 @@ failure (`SandboxError`) is classified by its error code.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import threading
 import time
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
+from opentelemetry import trace
 
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import SandboxError, ServiceUnavailableError
 from runner.faults import Faults
 from runner.lifecycle import ClaimStatus, Lifecycle
 from runner.manifest import ManifestSource, Processor, RetryPolicy
+from runner.metrics import WorkerMetrics
+from runner.notify import announce
 from runner.queue import RunQueue
 from runner.retry import decide
 from runner.sandbox import (
@@ -34,6 +41,7 @@ from runner.sandbox import (
     Sandbox,
 )
 from runner.store import Finish, Run, Store, utcnow
+from runner.telemetry import AttemptStages, context_from, trace_id
 
 log = structlog.get_logger(__name__)
 
@@ -207,18 +215,50 @@ class Executor:
     heartbeat_seconds: float = 1.0
     stop_grace_seconds: float = 5.0
     faults: Faults = field(default_factory=Faults)
+    tracer: trace.Tracer = field(default_factory=trace.NoOpTracer)
+    metrics: WorkerMetrics | None = None
+    instance: str = "default"  # the deployment's name: the channel of run-end notices
+    _record_pool: ThreadPoolExecutor | None = None
 
-    def execute(self, run_id: str, attempt: int) -> RunStatus | None:
-        """Run attempt `attempt` of `run_id`; the status recorded, or None if not ours."""
+    def execute(self, run_id: str, attempt: int, *,
+                dequeued_at: float | None = None) -> RunStatus | None:
+        """Run attempt `attempt` of `run_id`; the status recorded, or None if not ours.
+
+        `dequeued_at` (time.monotonic) is when the queue handed the job over; the
+        time from there to the container create call is the queue overhead.
+        """
+        dequeued_at = dequeued_at if dequeued_at is not None else time.monotonic()
         self.faults.point("before_claim")
         queued = self.store.get_run(run_id)
         if queued is None:
             return None
-        processor = self.manifests.current().find(queued.processor, queued.version)
-        claim = self.lifecycle.claim(
-            run_id, attempt=attempt, worker_id=self.worker_id,
-            lease_seconds=self.lease_seconds,
-            max_concurrency=processor.max_concurrency if processor else None)
+        # The attempt continues the trace of the request that submitted the run.
+        parent = context_from({"traceparent": queued.traceparent}
+                              if queued.traceparent else None)
+        with self.tracer.start_as_current_span(
+                "run.attempt", context=parent, kind=trace.SpanKind.CONSUMER,
+                attributes={"runner.run_id": run_id, "runner.attempt": attempt,
+                            "runner.processor": queued.processor,
+                            "runner.worker_id": self.worker_id}) as span:
+            context = {"run_id": run_id, "attempt": attempt}
+            if (tid := trace_id(span)) is not None:
+                context["trace_id"] = tid
+            with structlog.contextvars.bound_contextvars(**context):
+                status = self._execute(queued, attempt, dequeued_at)
+            span.set_attribute("runner.status", status.value if status else "not_claimed")
+            return status
+
+    def _execute(self, queued: Run, attempt: int, dequeued_at: float) -> RunStatus | None:
+        run_id = queued.id
+        manifest = self.manifests.current()  # the one this attempt is checked against
+        processor = manifest.find(queued.processor, queued.version)
+        with self.tracer.start_as_current_span("claim") as claim_span:
+            claim = self.lifecycle.claim(
+                run_id, attempt=attempt, worker_id=self.worker_id,
+                lease_seconds=self.lease_seconds,
+                max_concurrency=processor.max_concurrency if processor else None,
+                known=queued)
+            claim_span.set_attribute("runner.claim", claim.status.value)
         if claim.status is not ClaimStatus.CLAIMED or claim.run is None:
             # Not due, at capacity, or someone else's: the reconciler queues it again
             # when it is due, so dropping this job loses nothing.
@@ -227,7 +267,27 @@ class Executor:
         run = claim.run
         self.faults.point("after_claim")
         bound = log.bind(run_id=run.id, attempt=run.attempt, worker_id=self.worker_id)
-        bound.info("run_claimed", processor=run.processor, version=run.version)
+        waited = (run.started_at or utcnow()) - max(
+            t for t in (queued.created_at, queued.next_attempt_at, queued.finished_at) if t)
+        bound.info("run_claimed", processor=run.processor, version=run.version,
+                   queue_wait_ms=round(waited.total_seconds() * 1000, 1))
+        if self.metrics is not None:
+            self.metrics.queue_wait.labels(run.processor).observe(
+                max(waited.total_seconds(), 0))
+            self.metrics.running.inc()
+            self.metrics.stats.begin(run.id)
+        try:
+            status = self._run_claimed(run, processor, dequeued_at, manifest.revision)
+        finally:
+            if self.metrics is not None:
+                self.metrics.running.dec()
+                self.metrics.stats.leave(run.id)
+        return status
+
+    def _run_claimed(self, run: Run, processor: Processor | None,
+                     dequeued_at: float, revision: str) -> RunStatus | None:
+        bound = log.bind(run_id=run.id, attempt=run.attempt, worker_id=self.worker_id)
+        stages = AttemptStages(self.tracer, self.metrics, dequeued_at)
         guard = AttemptGuard(self.lifecycle, self.sandbox, run, self.lease_seconds,
                              self.heartbeat_seconds)
         guard.start()
@@ -235,12 +295,12 @@ class Executor:
         # check: `_attempt` refuses the run if that pin no longer matches its image.
         policy = processor.retry if processor is not None else RetryPolicy()
         try:
-            finish = self._attempt(run, processor, guard)
+            finish = self._attempt(run, processor, guard, stages, revision)
         except (SystemExit, KeyboardInterrupt):
             # Cold shutdown: the container is gone (the sandbox removes it on the way
             # out); hand the run back so another worker retries it as worker_lost.
             guard.stop()
-            self._record(run, policy, Finish(
+            self._record(run, policy, stages, Finish(
                 RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="shutdown",
                 error_message="the worker shut down before the run finished"))
             raise
@@ -249,14 +309,14 @@ class Executor:
             # removes it on the way out); retry it like a lost worker when allowed.
             guard.stop()
             bound.warning("attempt_lost_database", error=exc.message)
-            return self._record(run, policy, Finish(
+            return self._record(run, policy, stages, Finish(
                 RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="database",
                 error_message=f"the database was unavailable mid-attempt: {exc.message}"))
         except Exception as exc:
             guard.stop()
             bound.exception("attempt_crashed")
             with contextlib.suppress(Exception):
-                self._record(run, RetryPolicy(), Finish(
+                self._record(run, RetryPolicy(), stages, Finish(
                     RunStatus.DEAD_LETTER, error_code=ErrorCode.INTERNAL_ERROR,
                     error_stage="worker", error_message=f"internal error: {type(exc).__name__}"))
             raise
@@ -264,16 +324,16 @@ class Executor:
         if guard.lost:
             bound.warning("attempt_abandoned", reason="lease lost")
             return None
-        return self._record(run, policy, finish)
+        return self._record(run, policy, stages, finish)
 
-    def _attempt(self, run: Run, processor: Processor | None, guard: AttemptGuard) -> Finish:
+    def _attempt(self, run: Run, processor: Processor | None, guard: AttemptGuard,
+                 stages: AttemptStages, revision: str) -> Finish:
         if processor is None or processor.image != run.image:
-            manifest = self.manifests.current()
             return Finish(RunStatus.DEAD_LETTER, error_code=ErrorCode.IMAGE_NOT_ALLOWED,
                           error_stage="launch",
                           error_message=(f"{run.image} is no longer allowlisted for "
                                          f"{run.processor} {run.version} "
-                                         f"(manifest {manifest.revision})"))
+                                         f"(manifest {revision})"))
         spec = ContainerSpec(
             name=container_name(run.id, run.attempt),
             image=run.image,
@@ -287,21 +347,35 @@ class Executor:
             labels={RUN_LABEL: run.id, ATTEMPT_LABEL: str(run.attempt),
                     WORKER_LABEL: self.worker_id},
         )
-        writer = LogWriter(self.store, run.id, run.attempt, self.store.log_offset(run.id))
+        # A first attempt has no output before it; later ones append after earlier ones.
+        offset = self.store.log_offset(run.id) if run.attempt > 1 else 0
+        writer = LogWriter(self.store, run.id, run.attempt, offset)
         guard.writer = writer
+
+        receipt: dict[str, Any] = {}
+
+        def verified(found: dict[str, Any]) -> None:
+            receipt.update(found, manifest_revision=revision)
+
+        pending: list[Future[None]] = []
 
         def started(container_id: str, image_id: str) -> None:
             guard.on_start(container_id)
-            try:
-                self.store.record_container(run.id, run.attempt, container_id=container_id,
-                                            image_id=image_id)
-            except ServiceUnavailableError as exc:  # provenance only; the run goes on
-                log.warning("record_container_failed", run_id=run.id, error=exc.message)
+            # Written while the container runs, not before its wait begins.
+            pending.append(self._recorder().submit(
+                contextvars.copy_context().run, self._record_container, run,
+                container_id=container_id, image_id=image_id, provenance=receipt or None))
 
         began = time.monotonic()
         try:
-            outcome = self.sandbox.run(spec, on_log=writer.write, on_start=started)
+            try:
+                outcome = self.sandbox.run(spec, on_log=writer.write, on_start=started,
+                                           stages=stages, on_receipt=verified)
+            finally:
+                futures.wait(pending, timeout=RECORD_RETRY_SECONDS)
         except SandboxError as exc:
+            if receipt.get("mismatches"):  # keep the evidence of a refused start
+                self._record_container(run, provenance=receipt)
             with contextlib.suppress(ServiceUnavailableError):
                 writer.flush()
             log.warning("attempt_platform_failure", run_id=run.id, attempt=run.attempt,
@@ -316,7 +390,10 @@ class Executor:
                  exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
                  timed_out=outcome.timed_out, log_bytes=outcome.log_bytes,
                  duration_ms=round(outcome.duration_seconds * 1000, 1),
-                 total_ms=round((time.monotonic() - began) * 1000, 1))
+                 total_ms=round((time.monotonic() - began) * 1000, 1),
+                 stages_ms=stages.timings_ms)
+        if self.metrics is not None and outcome.log_bytes_dropped:
+            self.metrics.log_dropped.labels(run.processor).inc(outcome.log_bytes_dropped)
         if guard.canceled:
             return Finish(RunStatus.CANCELED, exit_code=outcome.exit_code,
                           error_code=ErrorCode.CANCELED, error_stage="run",
@@ -324,8 +401,22 @@ class Executor:
                           log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
         return classify(outcome)
 
-    def _record(self, run: Run, policy: RetryPolicy, finish: Finish) -> RunStatus | None:
-        """Apply the retry policy and store the result, riding out a database outage."""
+    def _recorder(self) -> ThreadPoolExecutor:
+        if self._record_pool is None:
+            self._record_pool = ThreadPoolExecutor(max_workers=1,
+                                                   thread_name_prefix="recorder")
+        return self._record_pool
+
+    def _record_container(self, run: Run, **found: Any) -> None:
+        try:
+            self.store.record_container(run.id, run.attempt, **found)
+        except ServiceUnavailableError as exc:  # provenance only; the run goes on
+            log.warning("record_container_failed", run_id=run.id, error=exc.message)
+
+    def _record(self, run: Run, policy: RetryPolicy, stages: AttemptStages,
+                 finish: Finish) -> RunStatus | None:
+        """Apply the retry policy and store the result, riding out a database outage;
+        `stages` holds the attempt's timings (the container's run time for metrics)."""
         decided = decide(finish, policy=policy, attempt=run.attempt, now=utcnow())
         deadline = time.monotonic() + RECORD_RETRY_SECONDS
         while True:
@@ -340,5 +431,12 @@ class Executor:
         log.info("run_finished" if recorded else "run_finish_fenced_off", run_id=run.id,
                  attempt=run.attempt, status=decided.status, error_code=decided.error_code,
                  next_attempt_at=decided.next_attempt_at)
+        if recorded and decided.status.terminal:
+            announce(self.queue.redis, self.instance, run.id)  # wakes waiting clients
+        if self.metrics is not None and recorded:
+            wait_ms = stages.timings_ms.get("wait")
+            self.metrics.record_finish(run.processor, decided.status,
+                                       error_code=decided.error_code,
+                                       seconds=wait_ms / 1000 if wait_ms is not None else None)
         # A retry is enqueued by the requeue pass once its backoff is over.
         return decided.status if recorded else None

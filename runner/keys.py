@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,13 @@ def _hash_secret(secret: str) -> str:
 class Keys:
     """Create, list, revoke and check API keys."""
 
+    # last_used_at is written at most this often per key: a write on every request
+    # would double the database work of a busy client for a coarse "last seen" field.
+    LAST_USED_PRECISION_SECONDS = 60.0
+
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._last_written: dict[str, float] = {}
 
     def create(self, *, tenant: str, role: Role) -> tuple[ApiKey, str]:
         """A new key; the plaintext is returned once and only its hash is stored."""
@@ -78,5 +84,8 @@ class Keys:
             valid = hmac.compare_digest(expected, _hash_secret(secret))
             if row is None or not valid or row.revoked_at is not None:
                 return None
-            row.last_used_at = utcnow()
+            now = time.monotonic()
+            if now - self._last_written.get(row.id, -1e9) >= self.LAST_USED_PRECISION_SECONDS:
+                row.last_used_at = utcnow()
+                self._last_written[row.id] = now
             return ApiKey(id=row.id, tenant=row.tenant, role=Role(row.role))

@@ -63,6 +63,8 @@ class RunRow(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     replay_of: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # W3C traceparent of the request that submitted the run: every attempt continues it.
+    traceparent: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (
         Index("ix_runs_tenant_id", "tenant", "id"),
@@ -106,6 +108,8 @@ class AttemptRow(Base):
     error_stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # What was asked of the engine and what it reports it applied (see sandbox.py).
+    provenance: Mapped[Any | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (UniqueConstraint("run_id", "number", name="uq_attempts_run_number"),)
 

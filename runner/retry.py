@@ -14,6 +14,7 @@ from runner.store import Finish
 # policy does not retry them (or retries run out) they end as dead letters.
 PLATFORM_FAILURES = frozenset({
     ErrorCode.IMAGE_NOT_ALLOWED, ErrorCode.IMAGE_PULL_FAILED, ErrorCode.DIGEST_MISMATCH,
+    ErrorCode.SANDBOX_MISMATCH,
     ErrorCode.DOCKER_UNAVAILABLE, ErrorCode.WORKER_LOST, ErrorCode.INTERNAL_ERROR,
 })
 

@@ -19,7 +19,7 @@ from runner.errors import (
     ServiceUnavailableError,
     UnknownProcessorError,
 )
-from runner.manifest import Manifest
+from runner.manifest import Manifest, Processor
 from runner.queue import RunQueue
 from runner.store import NewRun, Run, Store
 
@@ -36,6 +36,8 @@ class Submission:
     labels: Mapping[str, str] = field(default_factory=dict)
     idempotency_key: str | None = None
     replay_of: str | None = None
+    # The submitting request's trace context (not part of the fingerprint).
+    traceparent: str | None = None
 
     def fingerprint(self) -> str:
         """A hash of what was asked for, to tell a true retry from a reused key."""
@@ -49,6 +51,27 @@ def _json_path(path: Any) -> str:
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else f".{part}"
     return text
+
+
+def check_input(processor: Processor, value: object, *, max_bytes: int) -> bytes:
+    """The input as a run accepts it, encoded; the API and `processor run` share it.
+
+    Raises:
+        InvalidRequestError: not a JSON object, or over the size cap.
+        InvalidInputError: it fails the processor's input_schema (path named).
+    """
+    if not isinstance(value, dict):
+        raise InvalidRequestError("the input must be a JSON object", field="input")
+    encoded = json.dumps(value).encode()
+    if len(encoded) > max_bytes:
+        raise InvalidRequestError(f"input is {len(encoded)} bytes, over the {max_bytes} "
+                                  "byte cap", field="input")
+    validator = jsonschema.Draft202012Validator(processor.input_schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if error is not None:
+        where = _json_path(error.absolute_path)
+        raise InvalidInputError(f"{where}: {error.message}", field=where)
+    return encoded
 
 
 def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: RunQueue,
@@ -69,15 +92,7 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         wanted = submission.processor + (f" {submission.version}" if submission.version else "")
         raise UnknownProcessorError(f"no processor {wanted} in the manifest",
                                     field="version" if submission.version else "processor")
-    size = len(json.dumps(dict(submission.input)).encode())
-    if size > input_max_bytes:
-        raise InvalidRequestError(f"input is {size} bytes, over the {input_max_bytes} byte cap",
-                                  field="input")
-    validator = jsonschema.Draft202012Validator(processor.input_schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(dict(submission.input)))
-    if error is not None:
-        where = _json_path(error.absolute_path)
-        raise InvalidInputError(f"{where}: {error.message}", field=where)
+    check_input(processor, dict(submission.input), max_bytes=input_max_bytes)
     limit = processor.limits.timeout_seconds
     if submission.timeout_seconds is not None and submission.timeout_seconds > limit:
         raise InvalidRequestError(
@@ -90,7 +105,7 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         timeout_seconds=float(submission.timeout_seconds or limit),
         max_attempts=processor.retry.max_attempts, manifest_revision=manifest.revision,
         idempotency_key=submission.idempotency_key, request_hash=submission.fingerprint(),
-        replay_of=submission.replay_of,
+        replay_of=submission.replay_of, traceparent=submission.traceparent,
     ), max_active=max_active)
     if not created:
         log.info("run_submission_replayed", run_id=run.id, tenant=run.tenant)
@@ -102,13 +117,14 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         # it once Redis answers again. Nothing is lost and nothing runs twice.
         log.warning("enqueue_deferred", run_id=run.id, error=exc.message)
     log.info("run_submitted", run_id=run.id, processor=run.processor, version=run.version,
-             tenant=run.tenant, replay_of=run.replay_of)
+             tenant=run.tenant, replay_of=run.replay_of, status=run.status.value)
     return run
 
 
 def replay(run_id: str, *, tenant: str | None, manifest: Manifest, store: Store,
            queue: RunQueue, default_queue: str, stop_grace_seconds: float,
-           input_max_bytes: int = 1024 * 1024, max_active: int = 0) -> Run:
+           input_max_bytes: int = 1024 * 1024, max_active: int = 0,
+           traceparent: str | None = None) -> Run:
     """A new run of an ended run's processor version and input, linked to it.
 
     It runs the image the manifest pins now, so a processor fixed and re-pinned after
@@ -132,7 +148,7 @@ def replay(run_id: str, *, tenant: str | None, manifest: Manifest, store: Store,
     return submit(Submission(tenant=original.tenant, processor=original.processor,
                              version=original.version, input=original.input,
                              timeout_seconds=timeout, labels=original.labels,
-                             replay_of=original.id),
+                             replay_of=original.id, traceparent=traceparent),
                   manifest=manifest, store=store, queue=queue, default_queue=default_queue,
                   stop_grace_seconds=stop_grace_seconds, input_max_bytes=input_max_bytes,
                   max_active=max_active)

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     result_max_bytes: int = 1024 * 1024
     input_max_bytes: int = 1024 * 1024
     pull_timeout_seconds: float = Field(default=300.0, gt=0)
+    # Input and result through the /run volume's host directory when reachable (a local
+    # engine, no user-namespace remapping); false = always the engine's archive API.
+    direct_volume_io: bool = True
 
     cors_origins: str = ""
     key_requests_per_second: int = Field(default=50, ge=0)
@@ -62,6 +65,17 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=5.0, gt=0)
     reconcile_grace_seconds: float = Field(default=10.0, ge=0)
     fault_points: str = ""
+
+    # Each worker's /metrics, /healthz and /readyz; 0 = off. Under --concurrency N,
+    # worker i of the supervisor listens on worker_port + i - 1.
+    worker_host: str = "127.0.0.1"
+    worker_port: int = Field(default=0, ge=0, le=65535)
+    # Traces: off by default; "otlp" exports over OTLP/HTTP to trace_endpoint, "jsonl"
+    # appends finished spans to trace_file (debugging, tests), "console" to stderr.
+    trace_exporter: Literal["none", "otlp", "jsonl", "console"] = "none"
+    trace_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    trace_file: Path = Path("var/traces.jsonl")
+    trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
 
     @field_validator("tmp_size", "result_max_bytes", "input_max_bytes", mode="before")
     @classmethod

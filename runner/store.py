@@ -75,6 +75,7 @@ class NewRun:
     idempotency_key: str | None = None
     request_hash: str | None = None
     replay_of: str | None = None
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Run:
     replay_of: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    traceparent: str | None = None
 
     @classmethod
     def from_row(cls, row: RunRow) -> Run:
@@ -126,7 +128,7 @@ class Run:
             lease_expires_at=_aware(row.lease_expires_at),
             cancel_requested_at=_aware(row.cancel_requested_at), error_stage=row.error_stage,
             replay_of=row.replay_of, idempotency_key=row.idempotency_key,
-            request_hash=row.request_hash,
+            request_hash=row.request_hash, traceparent=row.traceparent,
         )
 
 
@@ -179,6 +181,7 @@ class Store:
         self.url = url
         self.engine: Engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._tenants_seen: set[str] = set()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -239,7 +242,7 @@ class Store:
             attempt=0, max_attempts=new.max_attempts, manifest_revision=new.manifest_revision,
             log_bytes=0, log_truncated=False, created_at=utcnow(),
             idempotency_key=new.idempotency_key, request_hash=new.request_hash,
-            replay_of=new.replay_of,
+            replay_of=new.replay_of, traceparent=new.traceparent,
         )
         if max_active > 0:
             self._ensure_tenant(new.tenant)
@@ -248,8 +251,14 @@ class Store:
                 if max_active > 0:
                     # The UPDATE takes the row lock (PostgreSQL) or the write lock
                     # (SQLite) until commit: quota checks of one tenant run one by one.
-                    session.execute(update(TenantRow).where(TenantRow.tenant == new.tenant)
-                                    .values(touched_at=utcnow()))
+                    if _changed(session, update(TenantRow)
+                                .where(TenantRow.tenant == new.tenant)
+                                .values(touched_at=utcnow())) == 0:
+                        # The row went away (a restored database): make it again, in
+                        # this transaction, so the lock is still held by the insert.
+                        self._tenants_seen.discard(new.tenant)
+                        session.add(TenantRow(tenant=new.tenant, touched_at=utcnow()))
+                        session.flush()
                     active = session.scalar(select(func.count()).select_from(RunRow).where(
                         RunRow.tenant == new.tenant,
                         RunRow.status.in_([RunStatus.QUEUED.value, RunStatus.RUNNING.value])))
@@ -269,6 +278,13 @@ class Store:
         return existing, False
 
     def _ensure_tenant(self, tenant: str) -> None:
+        """The tenant's lock row exists (rows are never deleted, so once seen, always)."""
+        if tenant in self._tenants_seen:
+            return
+        self._ensure_tenant_row(tenant)
+        self._tenants_seen.add(tenant)
+
+    def _ensure_tenant_row(self, tenant: str) -> None:
         with self.session() as session:
             if session.get(TenantRow, tenant) is not None:
                 return
@@ -277,6 +293,12 @@ class Store:
                 session.add(TenantRow(tenant=tenant, touched_at=utcnow()))
         except IntegrityError:
             pass  # another process made it first
+
+    def run_status(self, run_id: str) -> str | None:
+        """Only the run's status (a long poll reads it many times)."""
+        with self.engine.connect() as conn:
+            status: str | None = conn.scalar(select(RunRow.status).where(RunRow.id == run_id))
+        return status
 
     def get_run(self, run_id: str, *, tenant: str | None = None) -> Run | None:
         """The run, or None if it does not exist or belongs to another tenant."""
@@ -313,13 +335,17 @@ class Store:
         next_cursor = encode_cursor(runs[-1].id) if len(rows) > limit else None
         return runs, next_cursor
 
-    def record_container(self, run_id: str, attempt: int, *, container_id: str,
-                         image_id: str) -> None:
+    def record_container(self, run_id: str, attempt: int, *, container_id: str | None = None,
+                         image_id: str | None = None,
+                         provenance: dict[str, Any] | None = None) -> None:
+        """What the attempt started: container, image id and provenance receipt."""
+        values: dict[str, Any] = {"container_id": container_id, "image_id": image_id,
+                                  "provenance": provenance}
         with self.session() as session:
             session.execute(
                 update(AttemptRow)
                 .where(AttemptRow.run_id == run_id, AttemptRow.number == attempt)
-                .values(container_id=container_id, image_id=image_id)
+                .values(**{k: v for k, v in values.items() if v is not None})
             )
 
     def append_log(self, run_id: str, attempt: int, *, offset: int, data: bytes) -> None:
@@ -370,7 +396,7 @@ class Store:
                  "container_id": r.container_id, "image_id": r.image_id,
                  "exit_code": r.exit_code, "error_code": r.error_code,
                  "error_message": r.error_message, "error_stage": r.error_stage,
-                 "log_bytes": r.log_bytes,
+                 "log_bytes": r.log_bytes, "provenance": r.provenance,
                  "started_at": _aware(r.started_at), "finished_at": _aware(r.finished_at)}
                 for r in rows
             ]

@@ -39,7 +39,13 @@ show "memory hog over its 64 MiB limit: killed by the kernel, reported as oom_ki
 show "log flood of 50 MiB: stored up to the 1 MiB cap, marked truncated" logflood --input '{"megabytes": 50}'
 
 echo
-echo "== containers left behind: $(docker ps -aq --filter label=io.container-runner.managed | wc -l)"
+# Workers remove a finished container in the background, just after recording its run.
+left() {
+  { docker ps -aq --filter label=io.container-runner.worker-id=dev-worker-1
+    docker ps -aq --filter label=io.container-runner.worker-id=dev-worker-2; } | wc -l
+}
+for _ in $(seq 50); do [ "$(left)" -eq 0 ] && break; sleep 0.2; done
+echo "== containers left behind: $(left)"
 echo
 echo "The stack is still up. Try:  . var/dev/env && runner runs list"
 echo "Stop it with:                make down   (runner dev down)"

@@ -13,6 +13,9 @@ INPUT_PATH = "/run/input.json"
 RESULT_PATH = "/run/out/result.json"
 EXIT_RETRY = 75
 
+__all__ = ["EXIT_RETRY", "INPUT_PATH", "RESULT_PATH", "attempt", "read_input", "retry_me",
+           "run_id", "write_result"]
+
 
 def read_input():
     """The run's input as a Python value."""
@@ -21,7 +24,10 @@ def read_input():
 
 
 def write_result(value):
-    """Store a JSON value as the run's result (size-capped by the runner)."""
+    """Store a JSON value as the run's result (size-capped by the runner, 1 MiB by default).
+
+    Written to a temporary file and renamed, so a half-written result is never seen.
+    """
     tmp = RESULT_PATH + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(value, handle)
@@ -29,10 +35,12 @@ def write_result(value):
 
 
 def run_id():
+    """The run's id: the same for every attempt of a run."""
     return os.environ.get("RUNNER_RUN_ID", "")
 
 
 def attempt():
+    """This attempt's number: 1, then one more for each retry."""
     return int(os.environ.get("RUNNER_ATTEMPT", "1"))
 
 

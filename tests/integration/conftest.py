@@ -177,22 +177,25 @@ def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory
     process.stop()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
 
 
+_free_port = free_port  # the older name, still imported by some callers
+
+
 class ApiServer:
     """The real app under uvicorn on a loopback port, in a thread of this process."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.port = _free_port()
+    def __init__(self, settings: Settings, app: Any = None) -> None:
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
-            access_log=False))
+            app or create_app(settings), host="127.0.0.1", port=self.port,
+            log_level="warning", access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -259,6 +262,16 @@ def containers_of(client: docker.DockerClient, run_id: str) -> list[Any]:
                                        filters={"label": f"{RUN_LABEL}={run_id}"}))
 
 
+def containers_left(client: docker.DockerClient, run_id: str, timeout: float = 20
+                    ) -> list[Any]:
+    """The run's containers still there after `timeout`: workers remove a finished
+    container in the background, just after recording the run's end."""
+    deadline = time.monotonic() + timeout
+    while (left := containers_of(client, run_id)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
 @pytest.fixture(scope="session", autouse=True)
 def remove_leftover_containers() -> Iterator[None]:
     """Whatever a failed test left behind is removed at session end (by our label)."""
@@ -281,7 +294,7 @@ class RedisServer:
     """A throwaway redis-server on a free loopback port, with no persistence."""
 
     def __init__(self, directory: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.directory = directory
         self.process: subprocess.Popen[bytes] | None = None
         self.start()

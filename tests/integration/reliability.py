@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import secrets
+import socket
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -51,3 +56,58 @@ def running_container(client: docker.DockerClient, run_id: str, timeout: float =
                 return container
         time.sleep(0.05)
     raise AssertionError(f"no running container for {run_id}")
+
+
+class DockerProxy:
+    """A unix socket forwarding to the real engine, which a test can cut and restore."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or Path(f"/tmp/runner-docker-{secrets.token_hex(4)}.sock")
+        self._server: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.path}"
+
+    def up(self) -> None:
+        self.path.unlink(missing_ok=True)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(self.path))
+        server.listen(64)
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def down(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+        self._conns.clear()
+        self.path.unlink(missing_ok=True)
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            engine.connect("/var/run/docker.sock")
+            self._conns += [client, engine]
+            for a, b in ((client, engine), (engine, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)

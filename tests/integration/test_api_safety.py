@@ -20,7 +20,7 @@ from runner.domain import Role
 from runner.keys import Keys
 from runner.settings import Settings
 from runner.store import Store
-from tests.integration.conftest import ROOT, SESSION, WorkerProcess, _free_port, child_env
+from tests.integration.conftest import ROOT, SESSION, WorkerProcess, child_env, free_port
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def two_api_processes(settings: Settings) -> Iterator[list[str]]:
     """Two real `runner api` processes sharing PostgreSQL and Redis."""
     procs, urls = [], []
     for _ in range(2):
-        port = _free_port()
+        port = free_port()
         env = child_env(settings, RUNNER_API_PORT=str(port), RUNNER_QUEUE=f"parked-{SESSION}",
                         RUNNER_TENANT_MAX_ACTIVE_RUNS="5",
                         RUNNER_TENANT_SUBMISSIONS_PER_MINUTE="0",

@@ -21,7 +21,7 @@ from runner.queue import RunQueue
 from runner.settings import Settings
 from runner.store import Store
 from runner.worker import build_reconciler
-from tests.integration.conftest import RedisServer, WorkerProcess, containers_of
+from tests.integration.conftest import RedisServer, WorkerProcess, containers_left, containers_of
 from tests.integration.reliability import running_container, submit_rel, wait_for, wait_terminal
 
 StartWorker = Callable[..., WorkerProcess]
@@ -46,7 +46,7 @@ def test_sigkill_worker_mid_run(start_worker: StartWorker, store: Store,
     assert attempts[0]["error_stage"] == "lease"
     # The orphan was killed before the retry started, and nothing is left.
     assert orphan.id != attempts[1]["container_id"]
-    assert containers_of(docker_client, run.id) == []
+    assert containers_left(docker_client, run.id) == []
     assert recovered_after < 60, recovered_after  # 3 s lease + 1 s reconcile + 3 s run
 
 
@@ -68,7 +68,7 @@ def test_sigkill_at_a_fault_point(start_worker: StartWorker, store: Store,
     assert (final.status, final.attempt) == (RunStatus.SUCCEEDED, len(attempt_errors))
     assert [a["error_code"] for a in store.attempts(run.id)] == attempt_errors
     assert final.result == {"echo": {"message": point}}
-    assert containers_of(docker_client, run.id) == []
+    assert containers_left(docker_client, run.id) == []
 
 
 def test_same_run_enqueued_twice_runs_once(start_worker: StartWorker, store: Store,
@@ -189,7 +189,7 @@ def test_drain_timeout_hands_the_run_back(start_worker: StartWorker, store: Stor
     handed_back = wait_for(store, run.id, RunStatus.QUEUED, attempt=1, timeout=30)
     assert handed_back.error_code == ErrorCode.WORKER_LOST
     assert handed_back.error_stage == "shutdown"
-    assert containers_of(docker_client, run.id) == []
+    assert containers_left(docker_client, run.id) == []
     from runner.lifecycle import Lifecycle
 
     Lifecycle(store).cancel(run.id, tenant=None)
@@ -207,7 +207,7 @@ def test_second_sigterm_stops_at_once(start_worker: StartWorker, store: Store,
     worker.process.wait(30)
     handed_back = wait_for(store, run.id, RunStatus.QUEUED, attempt=1, timeout=30)
     assert handed_back.error_code == ErrorCode.WORKER_LOST
-    assert containers_of(docker_client, run.id) == []
+    assert containers_left(docker_client, run.id) == []
     from runner.lifecycle import Lifecycle
 
     Lifecycle(store).cancel(run.id, tenant=None)

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import httpx
 import pytest
 
 from runner.client import RunnerClient
 from runner.sandbox import ATTEMPT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
 from runner.settings import Settings
 from runner.store import Store
-from tests.integration.conftest import WorkerProcess, containers_of
+from tests.integration.conftest import WorkerProcess, containers_left, containers_of
 
 Run = Callable[..., dict[str, Any]]
 
@@ -39,7 +40,7 @@ def test_echo_end_to_end(run_and_wait: Run, client: RunnerClient, store: Store,
     attempts = store.attempts(run["id"])
     assert len(attempts) == 1 and attempts[0]["container_id"]
     assert attempts[0]["image_id"].startswith("sha256:")
-    assert containers_of(docker_client, run["id"]) == []
+    assert containers_left(docker_client, run["id"]) == []
 
 
 def _wait_for_container(docker_client: docker.DockerClient, run_id: str) -> Any:
@@ -107,7 +108,7 @@ def test_sleep_forever_times_out_and_is_removed(run_and_wait: Run,
     assert run["status"] == "timed_out", run
     assert run["error_code"] == "timeout"
     assert elapsed < 60  # 2 s + 1 s grace, generously bounded for a loaded machine
-    assert containers_of(docker_client, run["id"]) == []
+    assert containers_left(docker_client, run["id"]) == []
 
 
 def test_memory_hog_is_oom_killed(run_and_wait: Run) -> None:
@@ -180,3 +181,21 @@ def test_follow_streams_until_the_run_ends(client: RunnerClient, worker: WorkerP
     assert final["status"] == "succeeded"
     assert b"message=followed\n" in streamed
     assert streamed == client.logs(run["id"])
+
+
+def test_long_poll_answers_when_the_run_ends(client: RunnerClient, worker: WorkerProcess,
+                                             api_url: str, keys: dict[str, str]) -> None:
+    run = client.submit("sleep", {"seconds": 2})
+    headers = {"Authorization": f"Bearer {keys['viewer']}"}
+    began = time.monotonic()
+    held = httpx.get(f"{api_url}/v1/runs/{run['id']}", params={"wait": 0.5},
+                     headers=headers, timeout=30)
+    assert held.json()["status"] in ("queued", "running")
+    assert 0.45 <= time.monotonic() - began < 5
+    ended = httpx.get(f"{api_url}/v1/runs/{run['id']}", params={"wait": 60},
+                      headers=headers, timeout=90)
+    assert ended.json()["status"] == "succeeded"
+    assert time.monotonic() - began < 30
+    too_long = httpx.get(f"{api_url}/v1/runs/{run['id']}", params={"wait": 61},
+                         headers=headers)
+    assert too_long.status_code == 422 and too_long.json()["error"]["field"] == "wait"

@@ -7,6 +7,7 @@ case "$mode" in
   symlink) ln -s "${target:-/etc/passwd}" "$RUNNER_RESULT" ;;
   big) head -c 2097152 /dev/zero | tr '\0' '7' >"$RUNNER_RESULT" ;;
   dir) mkdir "$RUNNER_RESULT" ;;
+  fifo) mkfifo "$RUNNER_RESULT" ;;
   notjson) echo "this is not json" >"$RUNNER_RESULT" ;;
   ok) write_result '{"ok": true}' ;;
 esac
