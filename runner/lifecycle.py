@@ -8,7 +8,7 @@ attempt number: a stalled worker's late write matches no row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -32,6 +32,13 @@ ALLOWED: dict[RunStatus, frozenset[RunStatus]] = {
                   RunStatus.CANCELED, RunStatus.DEAD_LETTER}),
     **{s: frozenset() for s in RunStatus if s.terminal},
 }
+
+
+def _transitioned(run_id: str, attempt: int | None, source: RunStatus, target: RunStatus,
+                  **fields: Any) -> None:
+    """The one log line of each status change that happened."""
+    log.info("run.transition", run_id=run_id, attempt=attempt, **{"from": source.value},
+             to=target.value, **{k: v for k, v in fields.items() if v is not None})
 
 
 def sources(target: RunStatus) -> list[str]:
@@ -73,18 +80,23 @@ class Lifecycle:
                  current_attempt=current.attempt if current else None)
 
     def claim(self, run_id: str, *, attempt: int, worker_id: str, lease_seconds: float,
-              max_concurrency: int | None = None) -> Claim:
-        """Start attempt `attempt` of a queued run; only one claim can ever win it."""
+              max_concurrency: int | None = None, known: Run | None = None) -> Claim:
+        """Start attempt `attempt` of a queued run; only one claim can ever win it.
+
+        `known` is the run as just read by the caller: it spares a read here (the
+        UPDATE below re-checks every condition atomically, so a stale copy can only
+        make the claim lose, never win twice).
+        """
         now = utcnow()
-        with self.store.session() as session:
-            row = session.get(RunRow, run_id)
-            if (row is None or row.status != Q.value or row.attempt != attempt - 1
-                    or row.cancel_requested_at is not None):
-                return Claim(ClaimStatus.GONE)
-            due = row.next_attempt_at
-            if due is not None and due.replace(tzinfo=now.tzinfo) > now:
-                return Claim(ClaimStatus.NOT_DUE, retry_at=due.replace(tzinfo=now.tzinfo))
-            processor = row.processor
+        if known is None:
+            known = self.store.get_run(run_id)
+        if (known is None or known.status is not Q or known.attempt != attempt - 1
+                or known.cancel_requested_at is not None):
+            return Claim(ClaimStatus.GONE)
+        due = known.next_attempt_at
+        if due is not None and due > now:
+            return Claim(ClaimStatus.NOT_DUE, retry_at=due)
+        processor = known.processor
         if max_concurrency is not None and not self._take_slot(
                 run_id, processor=processor, attempt=attempt, cap=max_concurrency):
             retry_at = now + timedelta(seconds=1)
@@ -93,6 +105,10 @@ class Lifecycle:
                     RunRow.id == run_id, RunRow.status == Q.value,
                     RunRow.attempt == attempt - 1).values(next_attempt_at=retry_at))
             return Claim(ClaimStatus.AT_CAPACITY, retry_at=retry_at)
+        if max_concurrency is not None:
+            # The attempt starts once it holds a slot: a start time read before the slot
+            # was taken could precede the finish of the run whose slot it inherited.
+            now = utcnow()
         with self.store.session() as session:
             changed = _changed(session, update(RunRow).where(
                 RunRow.id == run_id, RunRow.status == Q.value, RunRow.attempt == attempt - 1,
@@ -108,9 +124,13 @@ class Lifecycle:
                 return Claim(ClaimStatus.GONE)
             session.add(AttemptRow(run_id=run_id, number=attempt, worker_id=worker_id,
                                    status=R.value, started_at=now))
-            row = session.get(RunRow, run_id)
-            assert row is not None
-            return Claim(ClaimStatus.CLAIMED, run=Run.from_row(row))
+        # What the UPDATE wrote, without reading the row back.
+        claimed = replace(known, status=R, attempt=attempt, worker_id=worker_id,
+                          started_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                          next_attempt_at=None, error_code=None, error_message=None,
+                          error_stage=None, exit_code=None, finished_at=None)
+        _transitioned(run_id, attempt, Q, R, worker_id=worker_id)
+        return Claim(ClaimStatus.CLAIMED, run=claimed)
 
     def _take_slot(self, run_id: str, *, processor: str, attempt: int, cap: int) -> bool:
         """Hold one of the processor's `cap` slots; the table's primary key is the lock."""
@@ -195,7 +215,9 @@ class Lifecycle:
                      log_bytes=outcome.log_bytes, finished_at=now))
             session.execute(delete(SlotRow).where(SlotRow.run_id == run_id,
                                                   SlotRow.attempt == attempt))
-            return True
+        _transitioned(run_id, attempt, R, outcome.status, error_code=outcome.error_code,
+                      next_attempt_at=outcome.next_attempt_at)
+        return True
 
     def end_queued(self, run_id: str, target: RunStatus, *, error_code: ErrorCode,
                    message: str, stage: str) -> bool:
@@ -209,7 +231,9 @@ class Lifecycle:
               .execution_options(synchronize_session=False))
             if changed != 1:
                 self._refused(session, run_id, target)
-            return changed == 1
+                return False
+        _transitioned(run_id, None, Q, target, error_code=error_code)
+        return True
 
     def cancel(self, run_id: str, *, tenant: str | None) -> Run:
         """Cancel a run: a queued one ends at once, a running one is stopped by its worker.

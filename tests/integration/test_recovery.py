@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,60 +27,10 @@ from runner.sandbox import ATTEMPT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, RUN_LAB
 from runner.settings import Settings
 from runner.store import Finish, Store
 from runner.worker import build_reconciler
-from tests.integration.conftest import SESSION, WorkerProcess, containers_of
-from tests.integration.reliability import submit_rel, wait_for, wait_terminal
+from tests.integration.conftest import SESSION, WorkerProcess, containers_left
+from tests.integration.reliability import DockerProxy, submit_rel, wait_for, wait_terminal
 
 StartWorker = Callable[..., WorkerProcess]
-
-
-class DockerProxy:
-    """A unix socket forwarding to the real engine, which a test can cut and restore."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._server: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-
-    def up(self) -> None:
-        self.path.unlink(missing_ok=True)
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(str(self.path))
-        server.listen(64)
-        self._server = server
-        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
-
-    def down(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for conn in self._conns:
-            conn.close()
-        self._conns.clear()
-        self.path.unlink(missing_ok=True)
-
-    def _accept(self, server: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = server.accept()
-            except OSError:
-                return
-            engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            engine.connect("/var/run/docker.sock")
-            self._conns += [client, engine]
-            for a, b in ((client, engine), (engine, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
 
 
 @pytest.fixture
@@ -220,7 +169,7 @@ def test_cancel_queued_running_and_finished(client: RunnerClient, worker: Worker
     assert (final["status"], final["error_code"], final["attempt"]) == (
         "canceled", "canceled", 1)
     assert took < 15, took  # heartbeat 1 s + grace 1 s, bounded for a loaded machine
-    assert containers_of(docker_client, busy["id"]) == []
+    assert containers_left(docker_client, busy["id"]) == []
     # The queued one still never started, after the worker was free.
     time.sleep(1)
     never = client.run(waiting["id"])
@@ -255,23 +204,30 @@ def test_twenty_concurrent_submissions_with_one_key(api_url: str, keys: dict[str
 
 
 def test_per_processor_cap_holds_under_twenty_submissions(
-        start_worker: StartWorker, store: Store, rel_settings: Settings,
-        docker_client: docker.DockerClient) -> None:
+        start_worker: StartWorker, store: Store, rel_settings: Settings) -> None:
     start_worker("pool", args=["--concurrency", "4"], wait_started=False)
     runs = [submit_rel(store, rel_settings, "capped", {"seconds": 1}) for _ in range(20)]
     ids = {r.id for r in runs}
-    peak = 0
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        live = [c for c in docker_client.containers.list(sparse=True,
-                                                          filters={"label": MANAGED_LABEL})
-                if (c.attrs.get("Labels") or {}).get(RUN_LABEL) in ids]
-        peak = max(peak, len(live))
         if all(store.get_run(i).status.terminal for i in ids):  # type: ignore[union-attr]
             break
-        time.sleep(0.05)
+        time.sleep(0.2)
     finals = [store.get_run(i) for i in ids]
     assert all(f is not None and f.status is RunStatus.SUCCEEDED for f in finals)
+    # An attempt holds its slot from claim to finish, and its container lives inside
+    # that span, so the attempts' own spans bound how many containers ran at once.
+    # (Sampling `docker ps` instead is racy: the engine lists a container as running
+    # for a moment after `wait` has already returned its exit.)
+    edges: list[tuple[datetime, int]] = []
+    for run_id in ids:
+        for attempt in store.attempts(run_id):
+            assert attempt["started_at"] is not None and attempt["finished_at"] is not None
+            edges += [(attempt["started_at"], 1), (attempt["finished_at"], -1)]
+    live = peak = 0
+    for _, step in sorted(edges):  # at a tie the end (-1) sorts before the start
+        live += step
+        peak = max(peak, live)
     assert peak == 2, peak
 
 
