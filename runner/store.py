@@ -419,6 +419,8 @@ def make_engine(url: str) -> Engine:
     # A client frozen inside a transaction (a stopped worker) must not hold row locks
     # for ever: the server ends such a transaction after a minute, and nobody waits on
     # a lock for more than ten seconds (the waiter fails and retries later instead).
+    # A server that does not answer at all (a dropped route, not a refusal) costs a
+    # connect at most ten seconds, so probes and requests fail instead of hanging.
     options = "-c lock_timeout=10000 -c idle_in_transaction_session_timeout=60000"
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10,
-                         connect_args={"options": options})
+                         connect_args={"options": options, "connect_timeout": 10})

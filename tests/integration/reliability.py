@@ -18,7 +18,7 @@ from runner.queue import RunQueue
 from runner.runs import Submission, submit
 from runner.settings import Settings
 from runner.store import Run, Store
-from tests.integration.conftest import containers_of
+from tests.integration.conftest import containers_of, free_port
 
 
 def submit_rel(store: Store, settings: Settings, processor: str,
@@ -58,35 +58,40 @@ def running_container(client: docker.DockerClient, run_id: str, timeout: float =
     raise AssertionError(f"no running container for {run_id}")
 
 
-class DockerProxy:
-    """A unix socket forwarding to the real engine, which a test can cut and restore."""
+class _Proxy:
+    """A listening socket forwarding every connection to a target; a test cuts it
+    (`down`: the listener and every open connection close) and restores it (`up`)."""
 
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path or Path(f"/tmp/runner-docker-{secrets.token_hex(4)}.sock")
+    def __init__(self) -> None:
         self._server: socket.socket | None = None
         self._conns: list[socket.socket] = []
 
-    @property
-    def url(self) -> str:
-        return f"unix://{self.path}"
+    def _listen(self) -> socket.socket:
+        raise NotImplementedError
+
+    def _connect(self) -> socket.socket:
+        raise NotImplementedError
 
     def up(self) -> None:
-        self.path.unlink(missing_ok=True)
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(str(self.path))
+        server = self._listen()
         server.listen(64)
         self._server = server
         threading.Thread(target=self._accept, args=(server,), daemon=True).start()
 
     def down(self) -> None:
         if self._server is not None:
+            # shutdown wakes the thread blocked in accept(); close alone would leave
+            # the kernel socket listening until that call returns.
+            with contextlib.suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)
             self._server.close()
             self._server = None
         for conn in self._conns:
             with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
                 conn.close()
         self._conns.clear()
-        self.path.unlink(missing_ok=True)
 
     def _accept(self, server: socket.socket) -> None:
         while True:
@@ -94,10 +99,13 @@ class DockerProxy:
                 client, _ = server.accept()
             except OSError:
                 return
-            engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            engine.connect("/var/run/docker.sock")
-            self._conns += [client, engine]
-            for a, b in ((client, engine), (engine, client)):
+            try:
+                target = self._connect()
+            except OSError:
+                client.close()
+                continue
+            self._conns += [client, target]
+            for a, b in ((client, target), (target, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     @staticmethod
@@ -111,3 +119,50 @@ class DockerProxy:
             for s in (source, sink):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+class DockerProxy(_Proxy):
+    """A unix socket forwarding to the real engine."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        super().__init__()
+        self.path = path or Path(f"/tmp/runner-docker-{secrets.token_hex(4)}.sock")
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.path}"
+
+    def _listen(self) -> socket.socket:
+        self.path.unlink(missing_ok=True)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(self.path))
+        return server
+
+    def _connect(self) -> socket.socket:
+        engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        engine.connect("/var/run/docker.sock")
+        return engine
+
+    def down(self) -> None:
+        super().down()
+        self.path.unlink(missing_ok=True)
+
+
+class TcpProxy(_Proxy):
+    """A loopback TCP port forwarding to `host:port` (a database, say)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__()
+        self.target = (host, port)
+        self.port = free_port()
+
+    def _listen(self) -> socket.socket:
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        return server
+
+    def _connect(self) -> socket.socket:
+        conn = socket.create_connection(self.target, timeout=5)
+        conn.settimeout(None)
+        return conn

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.engine import make_url
 
 from api.app import create_app
 from api.deps import Services
@@ -36,6 +37,7 @@ from tests.integration.conftest import (
     free_port,
     write_manifest,
 )
+from tests.integration.reliability import TcpProxy
 
 STAGES = ["pull", "create", "start", "wait", "collect", "remove"]
 STAGE_EVENTS = ["container.pulled", "container.created", "container.started",
@@ -283,3 +285,55 @@ def test_readyz_goes_red_without_redis_and_green_when_it_is_back(
     # And the worker still works after the outage.
     run = obs_client.submit("obs-echo", {"message": "after"})
     assert obs_client.wait(run["id"], timeout=120)["status"] == "succeeded"
+
+
+def test_readyz_goes_red_without_the_database_and_green_when_it_is_back(
+        obs_settings: Settings, store: Store, tmp_path: Path) -> None:
+    # Its own API and worker, whose every database connection goes through a proxy
+    # the test cuts: the shared PostgreSQL other tests use stays up.
+    url = make_url(obs_settings.database_url)
+    assert url.host is not None and url.port is not None
+    proxy = TcpProxy(url.host, url.port)
+    proxy.up()
+    settings = obs_settings.model_copy(update={
+        "database_url": url.set(host="127.0.0.1", port=proxy.port)
+                           .render_as_string(hide_password=False),
+        "worker_port": free_port(), "worker_id": f"obs-db-{SESSION}",
+        "queue": f"obs-db-{SESSION}"})
+    api = ApiServer(settings)
+    worker = WorkerProcess(settings, tmp_path / "worker.log",
+                           env={"RUNNER_WORKER_PORT": str(settings.worker_port)})
+    urls = {"api": f"{api.url}/readyz", "worker": worker_url(settings, "/readyz")}
+
+    def statuses() -> dict[str, int]:
+        return {name: httpx.get(u, timeout=20).status_code for name, u in urls.items()}
+
+    try:
+        assert statuses() == {"api": 200, "worker": 200}
+        proxy.down()
+        started = time.monotonic()
+        for name, u in urls.items():
+            response = httpx.get(u, timeout=20)
+            assert response.status_code == 503, (name, response.text)
+            checks = response.json()["checks"]
+            assert checks["database"].startswith("database unavailable"), (name, checks)
+            assert checks["redis"] == "ok" and checks["manifest"] == "ok", (name, checks)
+        assert time.monotonic() - started < 15  # refused at once, not hung on a timeout
+        time.sleep(2)  # the worker's reconciler and lease loops meet the outage too
+        assert worker.process.poll() is None, worker.log()[-2000:]
+        proxy.up()
+        deadline = time.monotonic() + 30
+        status = statuses()
+        while status != {"api": 200, "worker": 200} and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = statuses()
+        assert status == {"api": 200, "worker": 200}
+        # Both recovered by themselves: a run goes through the API and the worker.
+        key = Keys(store).create(tenant=f"obs-db-{SESSION}", role=Role.SUBMITTER)[1]
+        with RunnerClient(api.url, key) as client:
+            run = client.submit("obs-echo", {"message": "after the outage"})
+            assert client.wait(run["id"], timeout=120)["status"] == "succeeded"
+    finally:
+        worker.stop()
+        api.stop()
+        proxy.down()
