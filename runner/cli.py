@@ -15,7 +15,7 @@ from runner.cliutil import exits_on_error
 from runner.domain import Role
 from runner.errors import ManifestError, RunnerError
 from runner.logs import configure_logging
-from runner.opscli import ops_app
+from runner.ops import ops_app
 from runner.settings import Settings, load_settings
 
 app = typer.Typer(help="Run allowlisted processors in locked-down containers.",
