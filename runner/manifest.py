@@ -12,6 +12,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -312,8 +313,20 @@ def parse_manifest(text: str, *, source: str = "<string>") -> Manifest:
         ))
     if problems.items:
         raise ManifestError(problems=problems.items, source=source)
-    revision = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-    return Manifest(processors=tuple(processors), revision=revision, source=source)
+    return Manifest(processors=tuple(processors), revision=revision_of(text), source=source)
+
+
+def revision_of(text: str) -> str:
+    """A manifest's revision: the SHA-256 of its text."""
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read manifest: {exc.strerror}",
+                            source=str(path)) from exc
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -322,26 +335,31 @@ def load_manifest(path: Path) -> Manifest:
     Raises:
         ManifestError: the file is missing, unreadable or invalid.
     """
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read manifest: {exc.strerror}",
-                            source=str(path)) from exc
-    return parse_manifest(text, source=str(path))
+    return parse_manifest(_read(path), source=str(path))
+
+
+# A file modified this close to when it was last read may have been modified again
+# since within the same timestamp tick, keeping its size and inode (git calls this
+# "racy clean"): until it is older than that, its content is checked, not its stat.
+RACY_NS = 2_000_000_000
 
 
 class ManifestSource:
     """The manifest in force for a long-running process, reloaded when its file changes.
 
-    A cheap `stat` on each `current()` call notices edits; an invalid edit is refused
-    with an error log and the last good manifest stays in force.
+    A cheap `stat` on each `current()` call notices edits (and for two seconds after
+    an edit, a hash of the file's text, so a second same-size edit within one
+    timestamp tick is not missed); an invalid edit is refused with an error log and
+    the last good manifest stays in force.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._looked_at = time.time_ns()
         self._signature = self._stat()
         self._manifest = load_manifest(path)
+        self._seen: str | None = self._manifest.revision  # the text last read, good or bad
         self.reloads_ok = 0
         self.reloads_refused = 0
 
@@ -352,22 +370,36 @@ class ManifestSource:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def _unchanged(self, signature: tuple[int, int, int] | None) -> bool:
+        racy = self._signature is not None and (
+            self._signature[0] > self._looked_at - RACY_NS)
+        return signature == self._signature and not racy
+
     def current(self) -> Manifest:
         """The manifest in force, reloading the file first if it changed."""
-        signature = self._stat()
-        if signature == self._signature:
+        if self._unchanged(self._stat()):
             return self._manifest
         with self._lock:
-            if signature == self._signature:
+            looked_at = time.time_ns()  # before the stat, so a later edit counts as racy
+            signature = self._stat()
+            if self._unchanged(signature):
                 return self._manifest
-            self._signature = signature
+            self._signature, self._looked_at = signature, looked_at
             try:
-                fresh = load_manifest(self.path)
+                text = _read(self.path)
             except ManifestError as exc:
-                self.reloads_refused += 1
-                log.error("manifest_reload_refused", path=str(self.path),
-                          problems=exc.problems or [exc.message],
-                          revision_in_force=self._manifest.revision)
+                if self._seen is not None:  # once per outage, not on every look
+                    self._seen = None
+                    self._refuse(exc)
+                return self._manifest
+            revision = revision_of(text)
+            if revision == self._seen:
+                return self._manifest  # touched, or checked again while racy
+            self._seen = revision
+            try:
+                fresh = parse_manifest(text, source=str(self.path))
+            except ManifestError as exc:
+                self._refuse(exc)
                 return self._manifest
             if fresh.revision != self._manifest.revision:
                 self.reloads_ok += 1
@@ -375,6 +407,12 @@ class ManifestSource:
                          previous=self._manifest.revision, processors=len(fresh.processors))
             self._manifest = fresh
             return fresh
+
+    def _refuse(self, exc: ManifestError) -> None:
+        self.reloads_refused += 1
+        log.error("manifest_reload_refused", path=str(self.path),
+                  problems=exc.problems or [exc.message],
+                  revision_in_force=self._manifest.revision)
 
 
 def entry_for(*, name: str, version: str, image: str) -> dict[str, Any]:
