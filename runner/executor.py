@@ -431,12 +431,13 @@ class Executor:
         log.info("run_finished" if recorded else "run_finish_fenced_off", run_id=run.id,
                  attempt=run.attempt, status=decided.status, error_code=decided.error_code,
                  next_attempt_at=decided.next_attempt_at)
-        if recorded and decided.status.terminal:
-            announce(self.queue.redis, self.instance, run.id)  # wakes waiting clients
         if self.metrics is not None and recorded:
             wait_ms = stages.timings_ms.get("wait")
             self.metrics.record_finish(run.processor, decided.status,
                                        error_code=decided.error_code,
                                        seconds=wait_ms / 1000 if wait_ms is not None else None)
+        if recorded and decided.status.terminal:
+            # Last, so a client woken by the notice finds the counters already moved.
+            announce(self.queue.redis, self.instance, run.id)
         # A retry is enqueued by the requeue pass once its backoff is over.
         return decided.status if recorded else None
