@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,10 @@ from runner.domain import Role
 from runner.keys import Keys
 from runner.migrate import upgrade
 from runner.publish import publish
-from runner.sandbox import MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
+from runner.sandbox import MANAGED_LABEL, RUN_LABEL, WORKER_LABEL, SandboxConfig
 from runner.settings import Settings, load_settings
 from runner.store import Store
+from runner.worker import sandbox_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("RUNNER_TEST_PG_URL", "postgresql://runner:runner@127.0.0.1:5439/runner")
@@ -254,6 +256,13 @@ def run_and_wait(client: RunnerClient, worker: WorkerProcess
         run = client.submit(processor, input or {}, **options)
         return client.wait(run["id"], timeout=180)
     return go
+
+
+def bare_sandbox_config(settings: Settings) -> SandboxConfig:
+    """For a test that drives a Sandbox itself: its containers belong to no run, so
+    under the session's instance the session worker's reconciler would sweep any that
+    outlived its grace on a slow machine; a deployment of their own keeps them apart."""
+    return replace(sandbox_config(settings), instance=f"bare-{SESSION}")
 
 
 def containers_of(client: docker.DockerClient, run_id: str) -> list[Any]:

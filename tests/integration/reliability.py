@@ -31,16 +31,17 @@ def submit_rel(store: Store, settings: Settings, processor: str,
 
 
 def wait_for(store: Store, run_id: str, *statuses: RunStatus, attempt: int | None = None,
-             timeout: float = 120) -> Run:
+             min_attempt: int = 0, timeout: float = 120) -> Run:
     deadline = time.monotonic() + timeout
     while True:
         run = store.get_run(run_id)
         assert run is not None
-        if run.status in statuses and (attempt is None or run.attempt == attempt):
+        if (run.status in statuses and (attempt is None or run.attempt == attempt)
+                and run.attempt >= min_attempt):
             return run
         if time.monotonic() > deadline:
             raise AssertionError(f"run {run_id} is {run.status} (attempt {run.attempt}), "
-                                 f"wanted {statuses} attempt {attempt}")
+                                 f"wanted {statuses} attempt {attempt} (>= {min_attempt})")
         time.sleep(0.05)
 
 

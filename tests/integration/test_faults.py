@@ -168,7 +168,9 @@ def test_postgres_restarted_mid_run(start_worker: StartWorker, store: Store,
 
 def test_sigterm_drains_the_current_run(start_worker: StartWorker, store: Store,
                                         rel_settings: Settings) -> None:
-    worker = start_worker("drain")
+    # A drain timeout far above the run's own time: on a slow engine create and start
+    # alone can take seconds (the timeout path has its own test below).
+    worker = start_worker("drain", env={"RUNNER_DRAIN_TIMEOUT_SECONDS": "120"})
     run = submit_rel(store, rel_settings, "slow", {"seconds": 2})
     wait_for(store, run.id, RunStatus.RUNNING)
     worker.kill(signal.SIGTERM)

@@ -23,7 +23,7 @@ from runner.sandbox import RUN_LABEL, ContainerSpec, Sandbox
 from runner.settings import Settings
 from runner.store import Store
 from runner.worker import sandbox_config
-from tests.integration.conftest import REGISTRY, SESSION, write_manifest
+from tests.integration.conftest import REGISTRY, SESSION, bare_sandbox_config, write_manifest
 
 
 def test_repinned_manifest_makes_the_worker_refuse(
@@ -74,7 +74,7 @@ def test_first_run_of_a_missing_image_pulls_it_by_digest(
     docker_client.images.remove(docker_client.api.inspect_image(image)["Id"], force=True)
     assert not docker_client.images.list(name=image.split("@")[0])
 
-    sandbox = Sandbox.from_env(sandbox_config(settings))
+    sandbox = Sandbox.from_env(bare_sandbox_config(settings))
     logs = bytearray()
     spec = ContainerSpec(name=f"runner-pullprobe-{SESSION}", image=image, cpus=0.2,
                          memory_bytes=32 * 1024**2, pids_limit=8, timeout_seconds=30,

@@ -32,7 +32,7 @@ def test_a_notice_wakes_the_watchers_of_its_run_only() -> None:
                                  tries=100)
         mine, other_run = watcher.watch("run-a"), watcher.watch("run-b")
         foreign = await woken(mine, deployment=f"elsewhere-{SESSION}", run="run-a", tries=3)
-        own = await woken(mine, deployment=f"notify-{SESSION}", run="run-a", tries=10)
+        own = await woken(mine, deployment=f"notify-{SESSION}", run="run-a", tries=50)
         for run, event in (("run-ready", ready), ("run-a", mine), ("run-b", other_run)):
             watcher.unwatch(run, event)
         return subscribed and not foreign, own, other_run.is_set(), bool(watcher._waiters)

@@ -109,8 +109,8 @@ def obs_client(obs_api: str, store: Store) -> Iterator[RunnerClient]:
 
 
 @pytest.fixture(scope="module")
-def finished_runs(obs_client: RunnerClient, obs_worker: WorkerProcess
-                  ) -> dict[str, dict[str, Any]]:
+def finished_runs(obs_client: RunnerClient, obs_worker: WorkerProcess,
+                  obs_settings: Settings) -> dict[str, dict[str, Any]]:
     """The known set of runs every test below counts on."""
     submitted = {
         "echo-1": obs_client.submit("obs-echo", {"message": "one"}),
@@ -119,7 +119,15 @@ def finished_runs(obs_client: RunnerClient, obs_worker: WorkerProcess
         "exit-3": obs_client.submit("obs-exit", {"code": 3}),
         "retry-75": obs_client.submit("obs-retry", {"code": 75}),
     }
-    return {name: obs_client.wait(run["id"], timeout=180) for name, run in submitted.items()}
+    finished = {name: obs_client.wait(run["id"], timeout=180)
+                for name, run in submitted.items()}
+    # The last run's end wakes the client a moment before its worker has left it
+    # (gauges, health counts): the tests below count on an idle worker.
+    deadline = time.monotonic() + 30
+    while httpx.get(worker_url(obs_settings, "/healthz"), timeout=10).json()["current_run"]:
+        assert time.monotonic() < deadline, "the worker never went idle"
+        time.sleep(0.1)
+    return finished
 
 
 def worker_url(settings: Settings, path: str) -> str:

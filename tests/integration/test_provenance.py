@@ -22,7 +22,7 @@ from runner.sandbox import RUN_LABEL, ContainerSpec, Sandbox
 from runner.settings import Settings
 from runner.store import Store
 from runner.worker import sandbox_config
-from tests.integration.conftest import SESSION, WorkerProcess, write_manifest
+from tests.integration.conftest import SESSION, WorkerProcess, bare_sandbox_config, write_manifest
 
 
 class DroppingSandbox(Sandbox):
@@ -65,7 +65,7 @@ def test_a_run_shows_the_receipt_of_what_the_engine_applied(
 def test_the_sandbox_refuses_a_container_the_engine_set_up_differently(
         settings: Settings, published: dict[str, dict[str, Any]],
         docker_client: docker.DockerClient) -> None:
-    sandbox = DroppingSandbox(docker.from_env(), sandbox_config(settings))
+    sandbox = DroppingSandbox(docker.from_env(), bare_sandbox_config(settings))
     name = f"runner-prov-{SESSION}"
     spec = ContainerSpec(name=name, image=published["echo"]["image"], cpus=0.5,
                          memory_bytes=64 * 1024 * 1024, pids_limit=16, timeout_seconds=30,

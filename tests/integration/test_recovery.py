@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,7 +48,9 @@ def test_docker_unavailable_is_retried(start_worker: StartWorker, store: Store,
     start_worker("nodocker", env={"DOCKER_HOST": f"unix://{docker_proxy.path}"})
     docker_proxy.down()
     run = submit_rel(store, rel_settings, "docker-flaky", {"message": "engine back?"})
-    queued = wait_for(store, run.id, RunStatus.QUEUED, attempt=1, timeout=60)
+    # Any waiting spell will do: each attempt fails the same way while the engine is
+    # cut, and one spell can be shorter than a poll (full-jitter backoff).
+    queued = wait_for(store, run.id, RunStatus.QUEUED, min_attempt=1, timeout=60)
     assert queued.error_code == ErrorCode.DOCKER_UNAVAILABLE
     assert queued.next_attempt_at is not None
     docker_proxy.up()
@@ -59,17 +62,22 @@ def test_docker_unavailable_is_retried(start_worker: StartWorker, store: Store,
 
 def test_timeout_retried_after_its_backoff(start_worker: StartWorker, store: Store,
                                            rel_settings: Settings) -> None:
-    start_worker("timeouts")
+    worker = start_worker("timeouts")
     run = submit_rel(store, rel_settings, "flaky-timeout", {})
-    waiting = wait_for(store, run.id, RunStatus.QUEUED, attempt=1, timeout=60)
-    assert waiting.error_code == ErrorCode.TIMEOUT and waiting.next_attempt_at is not None
     final = wait_terminal(store, run.id)
     assert final.status is RunStatus.DEAD_LETTER
     assert final.error_code == ErrorCode.TIMEOUT and "retries exhausted" in (
         final.error_message or "")
     first, second = store.attempts(run.id)
-    assert second["started_at"] >= waiting.next_attempt_at
     assert first["error_code"] == second["error_code"] == ErrorCode.TIMEOUT
+    # The backoff the first attempt was given, from its transition line (the queued
+    # spell itself may be too short for a poll to see).
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    requeued = [line for line in lines if line.get("event") == "run.transition"
+                and line.get("run_id") == run.id and line.get("to") == "queued"]
+    assert len(requeued) == 1 and requeued[0]["error_code"] == ErrorCode.TIMEOUT
+    due = datetime.fromisoformat(requeued[0]["next_attempt_at"])
+    assert first["finished_at"] <= due <= second["started_at"]
 
 
 def test_exit_75_is_retried_and_exit_1_is_not(start_worker: StartWorker, store: Store,
@@ -168,7 +176,7 @@ def test_cancel_queued_running_and_finished(client: RunnerClient, worker: Worker
     took = time.monotonic() - asked
     assert (final["status"], final["error_code"], final["attempt"]) == (
         "canceled", "canceled", 1)
-    assert took < 15, took  # heartbeat 1 s + grace 1 s, bounded for a loaded machine
+    assert took < 60, took  # heartbeat 1 s + grace 1 s; generous for a loaded machine
     assert containers_left(docker_client, busy["id"]) == []
     # The queued one still never started, after the worker was free.
     time.sleep(1)
@@ -267,7 +275,7 @@ def test_reconciler_removes_exactly_the_right_containers(
         reconciler.grace_seconds = 0
         time.sleep(1.1)  # container timestamps have one-second resolution
         report = reconciler.run_once()
-        remaining = {c.id for c in docker_client.containers.list(all=True)}
+        remaining = {c.id for c in docker_client.containers.list(all=True, sparse=True)}
         removed = {name for name, cid in made.items() if cid not in remaining}
         assert removed == {"ended run", "unknown run", "stale attempt"}
         assert set(report.removed_containers) == {made[n] for n in removed}

@@ -12,8 +12,7 @@ import pytest
 from runner.executor import classify
 from runner.sandbox import RUN_LABEL, WORKER_LABEL, ContainerSpec, Sandbox
 from runner.settings import Settings
-from runner.worker import sandbox_config
-from tests.integration.conftest import SESSION
+from tests.integration.conftest import SESSION, bare_sandbox_config
 
 CASES = [("ok", None), ("symlink", "invalid_output"), ("dir", "invalid_output"),
          ("fifo", "invalid_output"), ("notjson", "invalid_output"),
@@ -23,7 +22,7 @@ CASES = [("ok", None), ("symlink", "invalid_output"), ("dir", "invalid_output"),
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "archive"])
 def test_both_paths_refuse_the_same_bad_results(settings: Settings, direct: bool,
                                                 published: dict[str, dict[str, Any]]) -> None:
-    sandbox = Sandbox(docker.from_env(), replace(sandbox_config(settings),
+    sandbox = Sandbox(docker.from_env(), replace(bare_sandbox_config(settings),
                                                  direct_volume_io=direct))
     assert sandbox._direct_io() is direct  # this machine's engine allows the direct path
     seen = {}
