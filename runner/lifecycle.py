@@ -97,8 +97,9 @@ class Lifecycle:
         if due is not None and due > now:
             return Claim(ClaimStatus.NOT_DUE, retry_at=due)
         processor = known.processor
-        if max_concurrency is not None and not self._take_slot(
-                run_id, processor=processor, attempt=attempt, cap=max_concurrency):
+        slot = None
+        if max_concurrency is not None and (slot := self._take_slot(
+                run_id, processor=processor, attempt=attempt, cap=max_concurrency)) is None:
             retry_at = now + timedelta(seconds=1)
             with self.store.session() as session:  # the requeue pass tries again then
                 session.execute(update(RunRow).where(
@@ -119,8 +120,13 @@ class Lifecycle:
                      error_stage=None, exit_code=None, finished_at=None)
               .execution_options(synchronize_session=False))
             if changed != 1:
-                session.execute(delete(SlotRow).where(SlotRow.run_id == run_id,
-                                                      SlotRow.attempt == attempt))
+                # Lost to another claim of the same attempt (a job delivered twice),
+                # which holds a slot of its own under the same run and attempt: free
+                # only the slot this claim took, never the winner's.
+                if slot is not None:
+                    session.execute(delete(SlotRow).where(
+                        SlotRow.processor == processor, SlotRow.slot == slot,
+                        SlotRow.run_id == run_id, SlotRow.attempt == attempt))
                 return Claim(ClaimStatus.GONE)
             session.add(AttemptRow(run_id=run_id, number=attempt, worker_id=worker_id,
                                    status=R.value, started_at=now))
@@ -132,17 +138,19 @@ class Lifecycle:
         _transitioned(run_id, attempt, Q, R, worker_id=worker_id)
         return Claim(ClaimStatus.CLAIMED, run=claimed)
 
-    def _take_slot(self, run_id: str, *, processor: str, attempt: int, cap: int) -> bool:
-        """Hold one of the processor's `cap` slots; the table's primary key is the lock."""
+    def _take_slot(self, run_id: str, *, processor: str, attempt: int, cap: int
+                   ) -> int | None:
+        """Hold one of the processor's `cap` slots (its number, or None if all are
+        held); the table's primary key is the lock."""
         for slot in range(cap):
             try:
                 with self.store.session() as session:
                     session.add(SlotRow(processor=processor, slot=slot, run_id=run_id,
                                         attempt=attempt, taken_at=utcnow()))
-                return True
+                return slot
             except IntegrityError:
                 continue
-        return False
+        return None
 
     def release_stale_slots(self, *, older_than_seconds: float = 60) -> int:
         """Free slots whose attempt is not running (a worker died between two steps).
