@@ -8,6 +8,8 @@ enqueued again by the reconciler, and a job that arrives twice loses its claim.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
@@ -21,6 +23,10 @@ JOB_FUNCTION = "runner.worker.perform"
 # timeout (SIGTERM, grace, SIGKILL) always fires first.
 JOB_TIMEOUT_MARGIN_SECONDS = 300
 HELD_STATES = {b"queued", b"deferred"}
+# A job a worker has just dequeued ("started") is held too, for as long as a claim can
+# take (milliseconds; seconds on a starved machine): past that, a run still queued in
+# the database means its worker died between dequeue and claim, and the job is lost.
+STARTED_HOLD_SECONDS = 5.0
 
 
 def job_id(run_id: str, attempt: int) -> str:
@@ -66,13 +72,50 @@ class RunQueue:
         except RedisError as exc:
             raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
 
-    def holds(self, run: Run) -> bool:
-        """True while Redis has the run's next attempt waiting to be picked up."""
+    def enqueue_once(self, run: Run, *, stop_grace_seconds: float = 5.0,
+                     window_seconds: float = 10.0) -> bool:
+        """`enqueue` unless another process enqueued this same due attempt within
+        `window_seconds`; False if it did.
+
+        Every worker runs the requeue pass, so two of them can find the same due run
+        absent from Redis at once; without this both would enqueue it, and the job
+        would be delivered twice (harmless to the run, which only one claim can win,
+        but each duplicate costs a worker a dequeue and RQ a failed cleanup).
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached.
+        """
+        due = run.next_attempt_at or run.created_at
+        key = f"runner:requeue:{job_id(run.id, run.attempt + 1)}:{due.isoformat()}"
         try:
-            status = self.redis.hget(Job.key_for(job_id(run.id, run.attempt + 1)), "status")
+            first = self.redis.set(key, b"1", nx=True, px=int(window_seconds * 1000))
         except RedisError as exc:
             raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
-        return status in HELD_STATES
+        if not first:
+            return False
+        self.enqueue(run, stop_grace_seconds=stop_grace_seconds)
+        return True
+
+    def holds(self, run: Run) -> bool:
+        """True while Redis has the run's next attempt waiting to be picked up, or a
+        worker picked it up a moment ago and is claiming it."""
+        try:
+            status, started_at = self.redis.hmget(
+                Job.key_for(job_id(run.id, run.attempt + 1)), ["status", "started_at"])
+        except RedisError as exc:
+            raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
+        if status in HELD_STATES:
+            return True
+        if status != b"started" or not started_at:
+            return False
+        try:
+            text = started_at.decode() if isinstance(started_at, bytes) else str(started_at)
+            started = datetime.fromisoformat(text)
+        except ValueError:
+            return False
+        if started.tzinfo is None:
+            started = started.replace(tzinfo=UTC)
+        return (datetime.now(UTC) - started).total_seconds() < STARTED_HOLD_SECONDS
 
     def ping(self) -> None:
         """Raises: ServiceUnavailableError when Redis cannot be reached."""

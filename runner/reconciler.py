@@ -134,9 +134,9 @@ class Reconciler:
         requeued: list[str] = []
         for run in self.lifecycle.due_queued(older_than=cutoff):
             try:
-                if self.queue.holds(run):
+                if self.queue.holds(run) or not self.queue.enqueue_once(
+                        run, stop_grace_seconds=self.stop_grace_seconds):
                     continue
-                self.queue.enqueue(run, stop_grace_seconds=self.stop_grace_seconds)
             except RunnerError as exc:
                 log.warning("requeue_failed", run_id=run.id, error=exc.message)
                 break

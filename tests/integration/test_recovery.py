@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,13 @@ import yaml
 from runner.client import ApiError, RunnerClient
 from runner.domain import ErrorCode, RunStatus
 from runner.keys import Keys
-from runner.lifecycle import Lifecycle
+from runner.lifecycle import ClaimStatus, Lifecycle
 from runner.manifest import load_manifest
-from runner.queue import RunQueue
+from runner.queue import STARTED_HOLD_SECONDS, RunQueue, job_id
 from runner.runs import Submission, submit
 from runner.sandbox import ATTEMPT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
 from runner.settings import Settings
-from runner.store import Finish, Store
+from runner.store import Finish, NewRun, Run, Store
 from runner.worker import build_reconciler
 from tests.integration.conftest import SESSION, WorkerProcess, containers_left
 from tests.integration.reliability import DockerProxy, submit_rel, wait_for, wait_terminal
@@ -237,6 +237,70 @@ def test_per_processor_cap_holds_under_twenty_submissions(
         live += step
         peak = max(peak, live)
     assert peak == 2, peak
+
+
+def test_a_claim_that_loses_a_duplicate_delivery_frees_only_its_own_slot(
+        store: Store) -> None:
+    """A job delivered twice is claimed twice; the loser held a slot under the same run
+    and attempt as the winner, and once freed the winner's too, lifting the cap."""
+    lifecycle = Lifecycle(store)
+    processor = f"slots-{uuid.uuid4().hex[:8]}"
+
+    def queued() -> Run:
+        run, _ = store.create_run(NewRun(
+            tenant="rel", processor=processor, version="1", image=f"x@sha256:{'0' * 64}",
+            queue="nowhere", input={}, timeout_seconds=10, max_attempts=1,
+            manifest_revision="sha256:test"))
+        return run
+
+    def claim(run: Run, worker: str, known: Run | None = None) -> ClaimStatus:
+        return lifecycle.claim(run.id, attempt=1, worker_id=worker, lease_seconds=60,
+                               max_concurrency=2, known=known).status
+
+    a, b, c = queued(), queued(), queued()
+    try:
+        # Both deliveries read the run while it was queued; one claim wins.
+        assert claim(a, "w1", known=a) is ClaimStatus.CLAIMED
+        assert claim(a, "w2", known=a) is ClaimStatus.GONE
+        assert claim(b, "w3") is ClaimStatus.CLAIMED
+        assert claim(c, "w4") is ClaimStatus.AT_CAPACITY  # a and b hold both slots
+    finally:
+        for run in (a, b):
+            lifecycle.finish(run.id, 1, Finish(RunStatus.SUCCEEDED, exit_code=0))
+        lifecycle.cancel(c.id, tenant=None)
+    d = queued()
+    assert claim(d, "w5") is ClaimStatus.CLAIMED  # and the slots come back
+    lifecycle.finish(d.id, 1, Finish(RunStatus.SUCCEEDED, exit_code=0))
+
+
+def test_a_due_run_is_enqueued_once_and_a_job_being_claimed_counts_as_held(
+        store: Store, rel_settings: Settings) -> None:
+    """Every worker runs the requeue pass: two finding the same due run must not both
+    enqueue it, and a job a worker dequeued a moment ago is not lost yet."""
+    run, _ = store.create_run(NewRun(
+        tenant="rel", processor="rel-echo", version="1", image=f"x@sha256:{'0' * 64}",
+        queue=f"once-{uuid.uuid4().hex[:8]}", input={}, timeout_seconds=10, max_attempts=1,
+        manifest_revision="sha256:test"))
+    queue = RunQueue.from_url(rel_settings.redis_url)
+    try:
+        assert queue.holds(run) is False
+        assert queue.enqueue_once(run) is True
+        assert queue.enqueue_once(run) is False  # the second pass stands back
+        assert queue.redis.llen(f"rq:queue:{run.queue}") == 1
+        assert queue.holds(run) is True
+        # A worker has dequeued it and is claiming it: still held, for a while.
+        key = f"rq:job:{job_id(run.id, 1)}"
+        queue.redis.lpop(f"rq:queue:{run.queue}")
+        now = datetime.now(UTC)
+        queue.redis.hset(key, mapping={"status": "started",
+                                       "started_at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")})
+        assert queue.holds(run) is True
+        stale = now - timedelta(seconds=STARTED_HOLD_SECONDS + 1)
+        queue.redis.hset(key, "started_at", stale.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+        assert queue.holds(run) is False  # its worker died between dequeue and claim
+    finally:
+        queue.redis.delete(f"rq:job:{job_id(run.id, 1)}", f"rq:queue:{run.queue}")
+        Lifecycle(store).cancel(run.id, tenant=None)
 
 
 def _container(client: docker.DockerClient, labels: dict[str, str]) -> str:
