@@ -184,9 +184,15 @@ def test_compose_stack_runs_a_published_processor(stack: Stack) -> None:
                  if "image:" in line)
     assert image.startswith(f"{stack.registry}/processors/echo@sha256:")
     # Forget the image on the host engine, so the worker's engine must pull it back from
-    # the compose registry through the published loopback port.
+    # the compose registry through the published loopback port. The same build may be
+    # tagged for another registry on this engine (the integration suite publishes the
+    # same echo), and an image still present under its id needs no pull: remove the
+    # image itself, not just this registry's names for it.
+    image_id = run(["docker", "image", "inspect", "--format", "{{.Id}}", image]).stdout.strip()
     remove_processor_images(stack.registry)
+    run(["docker", "image", "rm", "--force", image_id], check=False)
     assert run(["docker", "image", "inspect", image], check=False).returncode != 0
+    assert run(["docker", "image", "inspect", image_id], check=False).returncode != 0
 
     created = stack.compose("exec", "-T", "api", "runner", "keys", "create",
                             "--tenant", "compose-test")
