@@ -263,6 +263,17 @@ def test_worker_healthz_reports_its_last_run_and_counts(
     assert httpx.get(worker_url(obs_settings, "/nope")).status_code == 404
 
 
+def ready_statuses(urls: dict[str, str], *, until_ready: float = 0) -> dict[str, int]:
+    """Each /readyz's status code; with `until_ready`, polled for up to that many
+    seconds until every one is 200 (a recovery takes a moment)."""
+    deadline = time.monotonic() + until_ready
+    while True:
+        status = {name: httpx.get(url, timeout=20).status_code for name, url in urls.items()}
+        if set(status.values()) == {200} or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.5)
+
+
 def test_readyz_goes_red_without_redis_and_green_when_it_is_back(
         finished_runs: dict[str, dict[str, Any]], obs_settings: Settings, obs_api: str,
         obs_redis: RedisServer, obs_client: RunnerClient) -> None:
@@ -282,14 +293,7 @@ def test_readyz_goes_red_without_redis_and_green_when_it_is_back(
             assert checks["redis"] != "ok" and checks["database"] == "ok", (name, checks)
     finally:
         obs_redis.start()
-    deadline = time.monotonic() + 30
-    status = {}
-    while time.monotonic() < deadline:
-        status = {name: httpx.get(url, timeout=10).status_code for name, url in urls.items()}
-        if set(status.values()) == {200}:
-            break
-        time.sleep(0.5)
-    assert status == {"api": 200, "worker": 200}
+    assert ready_statuses(urls, until_ready=30) == {"api": 200, "worker": 200}
     # And the worker still works after the outage.
     run = obs_client.submit("obs-echo", {"message": "after"})
     assert obs_client.wait(run["id"], timeout=120)["status"] == "succeeded"
@@ -312,12 +316,8 @@ def test_readyz_goes_red_without_the_database_and_green_when_it_is_back(
     worker = WorkerProcess(settings, tmp_path / "worker.log",
                            env={"RUNNER_WORKER_PORT": str(settings.worker_port)})
     urls = {"api": f"{api.url}/readyz", "worker": worker_url(settings, "/readyz")}
-
-    def statuses() -> dict[str, int]:
-        return {name: httpx.get(u, timeout=20).status_code for name, u in urls.items()}
-
     try:
-        assert statuses() == {"api": 200, "worker": 200}
+        assert ready_statuses(urls) == {"api": 200, "worker": 200}
         proxy.down()
         started = time.monotonic()
         for name, u in urls.items():
@@ -330,12 +330,7 @@ def test_readyz_goes_red_without_the_database_and_green_when_it_is_back(
         time.sleep(2)  # the worker's reconciler and lease loops meet the outage too
         assert worker.process.poll() is None, worker.log()[-2000:]
         proxy.up()
-        deadline = time.monotonic() + 30
-        status = statuses()
-        while status != {"api": 200, "worker": 200} and time.monotonic() < deadline:
-            time.sleep(0.5)
-            status = statuses()
-        assert status == {"api": 200, "worker": 200}
+        assert ready_statuses(urls, until_ready=30) == {"api": 200, "worker": 200}
         # Both recovered by themselves: a run goes through the API and the worker.
         key = Keys(store).create(tenant=f"obs-db-{SESSION}", role=Role.SUBMITTER)[1]
         with RunnerClient(api.url, key) as client:
