@@ -14,6 +14,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job
+from rq.utils import utcparse
 
 from runner.errors import ServiceUnavailableError
 from runner.store import Run
@@ -108,13 +109,11 @@ class RunQueue:
             return True
         if status != b"started" or not started_at:
             return False
+        text = started_at.decode() if isinstance(started_at, bytes) else str(started_at)
         try:
-            text = started_at.decode() if isinstance(started_at, bytes) else str(started_at)
-            started = datetime.fromisoformat(text)
+            started = utcparse(text)  # RQ's own reader of the timestamps it writes
         except ValueError:
             return False
-        if started.tzinfo is None:
-            started = started.replace(tzinfo=UTC)
         return (datetime.now(UTC) - started).total_seconds() < STARTED_HOLD_SECONDS
 
     def ping(self) -> None:
