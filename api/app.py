@@ -33,9 +33,9 @@ from runner.errors import (
     RunnerError,
     ServiceUnavailableError,
 )
+from runner.observability.telemetry import context_from
+from runner.observability.telemetry import trace_id as trace_id_of
 from runner.settings import Settings
-from runner.telemetry import context_from
-from runner.telemetry import trace_id as trace_id_of
 
 log = structlog.get_logger(__name__)
 

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from opentelemetry import trace
 
-from runner.keys import Keys
-from runner.limits import RateLimiter
+from runner.control.keys import Keys
+from runner.control.notify import EndWatcher
+from runner.control.queue import RunQueue
+from runner.control.ratelimit import RateLimiter
+from runner.control.store import Store
 from runner.manifest import ManifestSource
-from runner.notify import EndWatcher
-from runner.queue import RunQueue
+from runner.observability.telemetry import build_tracer_provider, tracer_of
 from runner.settings import Settings
-from runner.store import Store
-from runner.telemetry import build_tracer_provider, tracer_of
 
 
 @dataclass

@@ -11,9 +11,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from runner.metrics import ManifestCollector, QueueDepthCollector
-from runner.models import RunRow
-from runner.store import Store
+from runner.control.models import RunRow
+from runner.control.store import Store
+from runner.observability.metrics import ManifestCollector, QueueDepthCollector
 
 if TYPE_CHECKING:
     from api.deps import Services

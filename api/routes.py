@@ -25,13 +25,12 @@ from api.schemas import (
     RunList,
     RunOut,
 )
-from runner.domain import RunStatus
+from runner.control.lifecycle import Lifecycle
+from runner.control.notify import announce
+from runner.control.runs import Submission, replay, submit
+from runner.domain import Run, RunStatus
 from runner.errors import InvalidRequestError, NotFoundError
-from runner.lifecycle import Lifecycle
-from runner.notify import announce
-from runner.runs import Submission, replay, submit
-from runner.store import Run
-from runner.telemetry import traceparent
+from runner.observability.telemetry import traceparent
 
 router = APIRouter(prefix="/v1", responses={
     401: {"model": ErrorOut, "description": "Missing, unknown or revoked API key"},

@@ -7,8 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from runner.domain import RunStatus
-from runner.store import Run
+from runner.domain import Run, RunStatus
 
 MAX_LABELS = 32
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._/-]{0,62}$")]

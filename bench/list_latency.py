@@ -26,12 +26,12 @@ import psycopg
 import uvicorn
 
 from api.app import create_app
+from runner.control.keys import Keys
+from runner.control.migrate import upgrade
+from runner.control.models import RunRow
+from runner.control.store import Store
 from runner.domain import Role, RunStatus
-from runner.keys import Keys
-from runner.migrate import upgrade
-from runner.models import RunRow
 from runner.settings import load_settings
-from runner.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = "postgresql://runner:runner@127.0.0.1:5439/runner"

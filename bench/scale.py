@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import list_latency
 from bench import stack as bench_stack
-from runner.models import RunRow
+from runner.control.models import RunRow
 
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = ["succeeded", "failed", "timed_out", "canceled", "dead_letter"]

@@ -30,14 +30,14 @@ import docker
 import psycopg
 import yaml
 
-from runner.lifecycle import Lifecycle
+from runner.control.lifecycle import Lifecycle
+from runner.control.migrate import upgrade
+from runner.control.queue import RunQueue
+from runner.control.runs import Submission, submit
+from runner.control.store import Store
 from runner.manifest import load_manifest
-from runner.migrate import upgrade
-from runner.queue import RunQueue
-from runner.runs import Submission, submit
 from runner.sandbox import MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
 from runner.settings import load_settings
-from runner.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = "postgresql://runner:runner@127.0.0.1:5439/runner"

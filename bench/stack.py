@@ -30,13 +30,13 @@ import psycopg
 import redis
 import yaml
 
+from runner.authoring.publish import publish
+from runner.control.keys import Keys
+from runner.control.migrate import upgrade
+from runner.control.store import Store
 from runner.domain import Role
-from runner.keys import Keys
-from runner.migrate import upgrade
-from runner.publish import publish
 from runner.sandbox import INSTANCE_LABEL, MANAGED_LABEL
 from runner.settings import load_settings
-from runner.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("RUNNER_BENCH_PG_URL", "postgresql://runner:runner@127.0.0.1:5439/runner")

@@ -55,8 +55,8 @@ from runner.sandbox import (
     ContainerSpec,
     Sandbox,
     SandboxConfig,
-    _input_archive,
 )
+from runner.sandbox.transfer import input_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -195,7 +195,7 @@ class Baselines:
         container = created["Id"]
         marks.append(time.perf_counter())
         try:
-            self.api.put_archive(container, "/run", _input_archive(spec.input_json, 65532, 65532))
+            self.api.put_archive(container, "/run", input_archive(spec.input_json, 65532, 65532))
             self.api.start(container)
             marks.append(time.perf_counter())
             status = self.api.wait(container, timeout=60)

@@ -1,8 +1,20 @@
-"""Statuses and error codes shared by every part of the runner (see CONTRACT.md)."""
+"""What every layer shares: statuses, error codes, roles, and the run records.
+
+`Run` is a frozen snapshot of a run as stored; `NewRun` what a submission records;
+`Finish` how one attempt ended and what the run becomes. None of them knows the
+database: `runner.control.store` maps rows to and from them.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 class RunStatus(StrEnum):
@@ -41,3 +53,71 @@ class Role(StrEnum):
     VIEWER = "viewer"
     SUBMITTER = "submitter"
     ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class NewRun:
+    tenant: str
+    processor: str
+    version: str
+    image: str
+    queue: str
+    input: Any
+    timeout_seconds: float
+    max_attempts: int
+    manifest_revision: str
+    labels: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    replay_of: str | None = None
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str
+    tenant: str
+    status: RunStatus
+    processor: str
+    version: str
+    image: str
+    queue: str
+    input: Any
+    result: Any
+    labels: dict[str, str]
+    timeout_seconds: float
+    exit_code: int | None
+    error_code: str | None
+    error_message: str | None
+    attempt: int
+    max_attempts: int
+    worker_id: str | None
+    manifest_revision: str | None
+    log_bytes: int
+    log_truncated: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    next_attempt_at: datetime | None = None
+    lease_expires_at: datetime | None = None
+    cancel_requested_at: datetime | None = None
+    error_stage: str | None = None
+    replay_of: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How one attempt ended and what the run becomes (QUEUED when it will be retried)."""
+
+    status: RunStatus
+    exit_code: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    error_stage: str | None = None
+    result: Any = None
+    log_bytes: int = 0
+    log_truncated: bool = False
+    next_attempt_at: datetime | None = None

@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     @field_validator("fault_points")
     @classmethod
     def _faults(cls, value: str) -> str:
-        from runner.faults import POINTS
+        from runner.execution.faults import POINTS
 
         unknown = {p for p in value.split(",") if p} - POINTS
         if unknown:

@@ -42,8 +42,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runner.localrun import local_config, processor_settings, run_image  # noqa: E402
-from runner.publish import (  # noqa: E402
+from runner.authoring.localrun import local_config, processor_settings, run_image  # noqa: E402
+from runner.authoring.publish import (  # noqa: E402
     LOCAL_BASES,
     MANIFEST_MEDIA_TYPES,
     ProcessorDir,

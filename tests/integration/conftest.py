@@ -27,15 +27,15 @@ import uvicorn
 import yaml
 
 from api.app import create_app
+from runner.authoring.publish import publish
 from runner.client import RunnerClient
+from runner.control.keys import Keys
+from runner.control.migrate import upgrade
+from runner.control.store import Store
 from runner.domain import Role
-from runner.keys import Keys
-from runner.migrate import upgrade
-from runner.publish import publish
+from runner.execution.worker import sandbox_config
 from runner.sandbox import MANAGED_LABEL, RUN_LABEL, WORKER_LABEL, SandboxConfig
 from runner.settings import Settings, load_settings
-from runner.store import Store
-from runner.worker import sandbox_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("RUNNER_TEST_PG_URL", "postgresql://runner:runner@127.0.0.1:5439/runner")

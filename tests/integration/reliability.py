@@ -12,12 +12,12 @@ from typing import Any
 
 import docker
 
-from runner.domain import RunStatus
+from runner.control.queue import RunQueue
+from runner.control.runs import Submission, submit
+from runner.control.store import Store
+from runner.domain import Run, RunStatus
 from runner.manifest import load_manifest
-from runner.queue import RunQueue
-from runner.runs import Submission, submit
 from runner.settings import Settings
-from runner.store import Run, Store
 from tests.integration.conftest import containers_of, free_port
 
 

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from runner.client import ApiError, RunnerClient
-from runner.store import Store
+from runner.control.store import Store
 
 
 def post(api_url: str, key: str | None, body: Any, **headers: str) -> httpx.Response:
@@ -189,10 +189,10 @@ def test_chunked_body_without_length_is_refused(api_url: str, keys: dict[str, st
 
 
 def test_input_over_its_cap_is_refused(store: Store, settings: Any) -> None:
+    from runner.control.queue import RunQueue
+    from runner.control.runs import Submission, submit
     from runner.errors import InvalidRequestError
     from runner.manifest import load_manifest
-    from runner.queue import RunQueue
-    from runner.runs import Submission, submit
 
     before, _ = store.list_runs(tenant="capped", limit=10)
     with pytest.raises(InvalidRequestError) as caught:

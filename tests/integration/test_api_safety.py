@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 from runner.client import ApiError, RunnerClient
+from runner.control.keys import Keys
+from runner.control.store import Store
 from runner.domain import Role
-from runner.keys import Keys
 from runner.settings import Settings
-from runner.store import Store
 from tests.integration.conftest import ROOT, SESSION, WorkerProcess, child_env, free_port
 
 

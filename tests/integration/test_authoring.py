@@ -27,11 +27,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from runner.authoring.localrun import LOCAL_LABEL, build_and_run
+from runner.authoring.publish import MANIFEST_MEDIA_TYPES
 from runner.cli import app
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import InvalidInputError, ManifestError
-from runner.localrun import LOCAL_LABEL, build_and_run
-from runner.publish import MANIFEST_MEDIA_TYPES
 from runner.settings import Settings, load_settings
 
 from .conftest import REGISTRY, ROOT

@@ -15,12 +15,12 @@ from collections.abc import Callable
 import docker
 import pytest
 
+from runner.control.queue import RunQueue
+from runner.control.store import Store
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import ServiceUnavailableError
-from runner.queue import RunQueue
+from runner.execution.worker import build_reconciler
 from runner.settings import Settings
-from runner.store import Store
-from runner.worker import build_reconciler
 from tests.integration.conftest import RedisServer, WorkerProcess, containers_left, containers_of
 from tests.integration.reliability import running_container, submit_rel, wait_for, wait_terminal
 
@@ -192,7 +192,7 @@ def test_drain_timeout_hands_the_run_back(start_worker: StartWorker, store: Stor
     assert handed_back.error_code == ErrorCode.WORKER_LOST
     assert handed_back.error_stage == "shutdown"
     assert containers_left(docker_client, run.id) == []
-    from runner.lifecycle import Lifecycle
+    from runner.control.lifecycle import Lifecycle
 
     Lifecycle(store).cancel(run.id, tenant=None)
 
@@ -210,6 +210,6 @@ def test_second_sigterm_stops_at_once(start_worker: StartWorker, store: Store,
     handed_back = wait_for(store, run.id, RunStatus.QUEUED, attempt=1, timeout=30)
     assert handed_back.error_code == ErrorCode.WORKER_LOST
     assert containers_left(docker_client, run.id) == []
-    from runner.lifecycle import Lifecycle
+    from runner.control.lifecycle import Lifecycle
 
     Lifecycle(store).cancel(run.id, tenant=None)

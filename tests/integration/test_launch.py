@@ -11,18 +11,18 @@ import docker
 import pytest
 import structlog
 
+from runner.authoring.publish import publish
+from runner.control.lifecycle import Lifecycle
+from runner.control.queue import RunQueue
+from runner.control.runs import Submission, submit
+from runner.control.store import Store
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import DockerUnavailableError
-from runner.executor import Executor
-from runner.lifecycle import Lifecycle
+from runner.execution.executor import Executor
+from runner.execution.worker import sandbox_config
 from runner.manifest import ManifestSource
-from runner.publish import publish
-from runner.queue import RunQueue
-from runner.runs import Submission, submit
 from runner.sandbox import RUN_LABEL, ContainerSpec, Sandbox
 from runner.settings import Settings
-from runner.store import Store
-from runner.worker import sandbox_config
 from tests.integration.conftest import REGISTRY, SESSION, bare_sandbox_config, write_manifest
 
 

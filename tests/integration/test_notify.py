@@ -7,7 +7,7 @@ import asyncio
 
 import redis
 
-from runner.notify import EndWatcher, announce
+from runner.control.notify import EndWatcher, announce
 from tests.integration.conftest import REDIS_URL, SESSION
 
 

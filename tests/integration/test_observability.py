@@ -24,10 +24,10 @@ from sqlalchemy.engine import make_url
 from api.app import create_app
 from api.deps import Services
 from runner.client import RunnerClient
+from runner.control.keys import Keys
+from runner.control.store import Store
 from runner.domain import Role
-from runner.keys import Keys
 from runner.settings import Settings, load_settings
-from runner.store import Store
 from tests.integration.conftest import (
     REGISTRY,
     SESSION,

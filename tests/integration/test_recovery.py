@@ -18,16 +18,16 @@ import pytest
 import yaml
 
 from runner.client import ApiError, RunnerClient
-from runner.domain import ErrorCode, RunStatus
-from runner.keys import Keys
-from runner.lifecycle import ClaimStatus, Lifecycle
+from runner.control.keys import Keys
+from runner.control.lifecycle import ClaimStatus, Lifecycle
+from runner.control.queue import STARTED_HOLD_SECONDS, RunQueue, job_id
+from runner.control.runs import Submission, submit
+from runner.control.store import Store
+from runner.domain import ErrorCode, Finish, NewRun, Run, RunStatus
+from runner.execution.worker import build_reconciler
 from runner.manifest import load_manifest
-from runner.queue import STARTED_HOLD_SECONDS, RunQueue, job_id
-from runner.runs import Submission, submit
 from runner.sandbox import ATTEMPT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
 from runner.settings import Settings
-from runner.store import Finish, NewRun, Run, Store
-from runner.worker import build_reconciler
 from tests.integration.conftest import SESSION, WorkerProcess, containers_left
 from tests.integration.reliability import DockerProxy, submit_rel, wait_for, wait_terminal
 
@@ -112,7 +112,7 @@ def test_dead_letter_then_replay_to_success(start_worker: StartWorker, store: St
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
     try:
         # ...and replays the dead letter.
-        from runner.runs import replay
+        from runner.control.runs import replay
 
         again = replay(run.id, tenant="rel", manifest=load_manifest(path), store=store,
                        queue=RunQueue.from_url(rel_settings.redis_url),

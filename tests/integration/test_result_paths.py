@@ -9,7 +9,7 @@ from typing import Any
 import docker
 import pytest
 
-from runner.executor import classify
+from runner.execution.executor import classify
 from runner.sandbox import RUN_LABEL, WORKER_LABEL, ContainerSpec, Sandbox
 from runner.settings import Settings
 from tests.integration.conftest import SESSION, bare_sandbox_config
@@ -24,7 +24,7 @@ def test_both_paths_refuse_the_same_bad_results(settings: Settings, direct: bool
                                                 published: dict[str, dict[str, Any]]) -> None:
     sandbox = Sandbox(docker.from_env(), replace(bare_sandbox_config(settings),
                                                  direct_volume_io=direct))
-    assert sandbox._direct_io() is direct  # this machine's engine allows the direct path
+    assert sandbox.transfers.direct_io() is direct  # this machine's engine allows the direct path
     seen = {}
     for index, (mode, _) in enumerate(CASES):
         spec = ContainerSpec(

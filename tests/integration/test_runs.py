@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from runner.client import RunnerClient
+from runner.control.store import Store
 from runner.sandbox import ATTEMPT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
 from runner.settings import Settings
-from runner.store import Store
 from tests.integration.conftest import WorkerProcess, containers_left, containers_of
 
 Run = Callable[..., dict[str, Any]]

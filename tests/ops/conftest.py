@@ -33,15 +33,15 @@ import psycopg
 import pytest
 import yaml
 
-from runner.domain import Role, RunStatus
-from runner.keys import Keys
+from runner.authoring.publish import publish
+from runner.control.keys import Keys
+from runner.control.migrate import upgrade
+from runner.control.queue import RunQueue
+from runner.control.runs import Submission, submit
+from runner.control.store import Store
+from runner.domain import Role, Run, RunStatus
 from runner.manifest import load_manifest
-from runner.migrate import upgrade
-from runner.publish import publish
-from runner.queue import RunQueue
-from runner.runs import Submission, submit
 from runner.sandbox import INSTANCE_LABEL
-from runner.store import Run, Store
 from tests.integration.conftest import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from runner.control.lifecycle import ALLOWED
 from runner.domain import RunStatus
-from runner.lifecycle import ALLOWED
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 DOT, SVG, DOC = DOCS / "architecture.dot", DOCS / "architecture.svg", DOCS / "architecture.md"

@@ -18,8 +18,8 @@ import docker
 import httpx
 import pytest
 
+from runner.control.keys import Keys
 from runner.domain import ErrorCode, Role, RunStatus
-from runner.keys import Keys
 from tests.integration.reliability import DockerProxy
 from tests.ops.conftest import RUNBOOKS, Registry, Stack, runbook_blocks
 

@@ -3,7 +3,7 @@
 import pytest
 
 from runner.domain import ErrorCode, RunStatus
-from runner.executor import classify
+from runner.execution.executor import classify
 from runner.sandbox import CollectedResult, Outcome, ResultStatus
 
 

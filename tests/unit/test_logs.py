@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from runner.domain import RunStatus
-from runner.logs import configure_logging, json_default
+from runner.observability.logsetup import configure_logging, json_default
 
 
 @pytest.fixture

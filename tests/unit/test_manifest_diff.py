@@ -1,9 +1,9 @@
-"""`runner.manifestdiff`: added, removed, re-pinned and re-configured processor versions."""
+"""`runner.manifest.diff`: added, removed, re-pinned and re-configured processor versions."""
 
 import textwrap
 
 from runner.manifest import parse_manifest
-from runner.manifestdiff import EXIT_DIFFERENT, EXIT_SAME, diff_manifests
+from runner.manifest.diff import EXIT_DIFFERENT, EXIT_SAME, diff_manifests
 
 A = "sha256:" + "a" * 64
 B = "sha256:" + "b" * 64

@@ -16,7 +16,7 @@ import yaml
 
 from api.metrics import ApiMetrics
 from runner.manifest import ManifestSource
-from runner.metrics import WorkerMetrics
+from runner.observability.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"

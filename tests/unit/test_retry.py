@@ -5,11 +5,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from runner.domain import ErrorCode, RunStatus
-from runner.lifecycle import ALLOWED, sources
+from runner.control.lifecycle import ALLOWED, sources
+from runner.control.retry import backoff_seconds, decide, failure_class
+from runner.domain import ErrorCode, Finish, RunStatus
 from runner.manifest import RetryPolicy
-from runner.retry import backoff_seconds, decide, failure_class
-from runner.store import Finish
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 POLICY = RetryPolicy(max_attempts=3, backoff_initial_seconds=1, backoff_max_seconds=4,

@@ -1,0 +1,68 @@
+"""`runner api`, `worker`, `reconcile` and `db upgrade`: start the services."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from runner.cli.common import command, fail, settings
+
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+
+
+@command
+def api_command(host: Annotated[str | None, typer.Option()] = None,
+                port: Annotated[int | None, typer.Option()] = None) -> None:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    from api.app import create_app
+
+    cfg = settings("api")
+    uvicorn.run(create_app(cfg), host=host or cfg.api_host, port=port or cfg.api_port,
+                log_level="warning", access_log=False, log_config=None)
+
+
+@command
+def worker_command(
+    queue: Annotated[list[str] | None, typer.Option(help="Queues in priority order.")] = None,
+    burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
+    concurrency: Annotated[int, typer.Option(min=1, max=64,
+                                             help="Worker processes to run.")] = 1,
+) -> None:
+    """Run RQ workers that execute runs in containers."""
+    from runner.execution.worker import run_worker, supervise
+
+    cfg = settings("worker")
+    if concurrency > 1:
+        if burst:
+            fail("--burst works with a single worker process (--concurrency 1)")
+        supervise(cfg, concurrency=concurrency, queues=queue)
+    else:
+        run_worker(cfg, queues=queue, burst=burst)
+
+
+@command
+def reconcile_command() -> None:
+    """One reconciler pass: recover expired leases, lost jobs, leftover containers."""
+    from runner.execution.worker import build_reconciler
+
+    report = build_reconciler(settings("reconciler")).run_once()
+    if report.skipped:
+        typer.echo("another reconciler holds the lock; nothing done")
+        return
+    typer.echo(f"expired leases: {len(report.expired)}, requeued: {len(report.requeued)}, "
+               f"containers removed: {len(report.removed_containers)}")
+
+
+@db_app.command("upgrade")
+@command
+def db_upgrade() -> None:
+    """Apply the database migrations."""
+    from runner.control.migrate import upgrade
+
+    cfg = settings()
+    upgrade(cfg.database_url)
+    typer.echo("database schema is current")
+

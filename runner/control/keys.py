@@ -1,0 +1,91 @@
+"""API keys: at least 256 random bits behind a readable prefix, stored only as a hash.
+
+A key reads `rk_<id>_<secret>`: the id finds the row, the secret's SHA-256 is
+compared in constant time, and the plaintext is shown once, at creation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+
+from runner.control.models import ApiKeyRow
+from runner.control.store import Store, aware, rows_changed
+from runner.domain import Role, utcnow
+
+KEY_PREFIX = "rk_"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    tenant: str
+    role: Role
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Keys:
+    """Create, list, revoke and check API keys."""
+
+    # last_used_at is written at most this often per key: a write on every request
+    # would double the database work of a busy client for a coarse "last seen" field.
+    LAST_USED_PRECISION_SECONDS = 60.0
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._last_written: dict[str, float] = {}
+
+    def create(self, *, tenant: str, role: Role) -> tuple[ApiKey, str]:
+        """A new key; the plaintext is returned once and only its hash is stored."""
+        key_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)  # 256 random bits
+        with self.store.session() as session:
+            session.add(ApiKeyRow(id=key_id, secret_hash=_hash_secret(secret), tenant=tenant,
+                                  role=role.value, created_at=utcnow()))
+        return ApiKey(id=key_id, tenant=tenant, role=role), f"{KEY_PREFIX}{key_id}_{secret}"
+
+    def list(self, *, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Key metadata (never a secret or its hash)."""
+        query = select(ApiKeyRow).order_by(ApiKeyRow.created_at)
+        if tenant is not None:
+            query = query.where(ApiKeyRow.tenant == tenant)
+        with self.store.session() as session:
+            return [{"id": r.id, "prefix": f"{KEY_PREFIX}{r.id}_", "tenant": r.tenant,
+                     "role": r.role, "created_at": aware(r.created_at),
+                     "last_used_at": aware(r.last_used_at),
+                     "revoked_at": aware(r.revoked_at)} for r in session.scalars(query)]
+
+    def revoke(self, key_id: str) -> bool:
+        """Revoke a key at once; False if there is no such live key."""
+        key_id = key_id.removeprefix(KEY_PREFIX).split("_", 1)[0]
+        with self.store.session() as session:
+            return rows_changed(session, update(ApiKeyRow).where(
+                ApiKeyRow.id == key_id, ApiKeyRow.revoked_at.is_(None),
+            ).values(revoked_at=utcnow())) == 1
+
+    def authenticate(self, presented: str) -> ApiKey | None:
+        """The key presented as a bearer token, or None if it is unknown or revoked."""
+        if not presented.startswith(KEY_PREFIX) or presented.count("_") < 2:
+            return None
+        key_id, _, secret = presented.removeprefix(KEY_PREFIX).partition("_")
+        with self.store.session() as session:
+            row = session.get(ApiKeyRow, key_id)
+            expected = row.secret_hash if row is not None else _hash_secret(os.urandom(8).hex())
+            valid = hmac.compare_digest(expected, _hash_secret(secret))
+            if row is None or not valid or row.revoked_at is not None:
+                return None
+            now = time.monotonic()
+            if now - self._last_written.get(row.id, -1e9) >= self.LAST_USED_PRECISION_SECONDS:
+                row.last_used_at = utcnow()
+                self._last_written[row.id] = now
+            return ApiKey(id=row.id, tenant=row.tenant, role=Role(row.role))

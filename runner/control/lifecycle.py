@@ -1,0 +1,300 @@
+"""The run state machine: every change of a run's status goes through this module.
+
+Each change is one conditional UPDATE that names the states it may leave, so an
+invalid transition changes nothing and is logged, and concurrent actors (workers,
+the reconciler, the API) cannot both win. Writes of an attempt are fenced by its
+attempt number: a stalled worker's late write matches no row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import structlog
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from runner.control.models import AttemptRow, RunRow, SlotRow
+from runner.control.store import Store, captured_bytes, rows_changed, run_from_row
+from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
+from runner.errors import ConflictError, NotFoundError
+
+log = structlog.get_logger(__name__)
+
+Q, R = RunStatus.QUEUED, RunStatus.RUNNING
+ALLOWED: dict[RunStatus, frozenset[RunStatus]] = {
+    Q: frozenset({R, RunStatus.CANCELED, RunStatus.DEAD_LETTER}),
+    R: frozenset({Q, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.TIMED_OUT,
+                  RunStatus.CANCELED, RunStatus.DEAD_LETTER}),
+    **{s: frozenset() for s in RunStatus if s.terminal},
+}
+
+
+def _transitioned(run_id: str, attempt: int | None, source: RunStatus, target: RunStatus,
+                  **fields: Any) -> None:
+    """The one log line of each status change that happened."""
+    log.info("run.transition", run_id=run_id, attempt=attempt, **{"from": source.value},
+             to=target.value, **{k: v for k, v in fields.items() if v is not None})
+
+
+def sources(target: RunStatus) -> list[str]:
+    """The states a run may be in to move to `target`."""
+    return [s.value for s, targets in ALLOWED.items() if target in targets]
+
+
+class ClaimStatus(StrEnum):
+    CLAIMED = "claimed"
+    NOT_DUE = "not_due"          # still waiting out its backoff
+    AT_CAPACITY = "at_capacity"  # the processor's max_concurrency is reached
+    GONE = "gone"                # another attempt, a cancel, or an end got there first
+
+
+@dataclass(frozen=True)
+class Claim:
+    status: ClaimStatus
+    run: Run | None = None
+    retry_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    owned: bool
+    cancel_requested: bool
+
+
+class Lifecycle:
+    """Status changes of runs, on top of a `Store`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def _refused(self, session: Session, run_id: str, target: RunStatus,
+                 attempt: int | None = None) -> None:
+        current = session.get(RunRow, run_id)
+        log.info("transition_refused", run_id=run_id, target=target, attempt=attempt,
+                 current=current.status if current else "missing",
+                 current_attempt=current.attempt if current else None)
+
+    def claim(self, run_id: str, *, attempt: int, worker_id: str, lease_seconds: float,
+              max_concurrency: int | None = None, known: Run | None = None) -> Claim:
+        """Start attempt `attempt` of a queued run; only one claim can ever win it.
+
+        `known` is the run as just read by the caller: it spares a read here (the
+        UPDATE below re-checks every condition atomically, so a stale copy can only
+        make the claim lose, never win twice).
+        """
+        now = utcnow()
+        if known is None:
+            known = self.store.get_run(run_id)
+        if (known is None or known.status is not Q or known.attempt != attempt - 1
+                or known.cancel_requested_at is not None):
+            return Claim(ClaimStatus.GONE)
+        due = known.next_attempt_at
+        if due is not None and due > now:
+            return Claim(ClaimStatus.NOT_DUE, retry_at=due)
+        processor = known.processor
+        slot = None
+        if max_concurrency is not None and (slot := self._take_slot(
+                run_id, processor=processor, attempt=attempt, cap=max_concurrency)) is None:
+            retry_at = now + timedelta(seconds=1)
+            with self.store.session() as session:  # the requeue pass tries again then
+                session.execute(update(RunRow).where(
+                    RunRow.id == run_id, RunRow.status == Q.value,
+                    RunRow.attempt == attempt - 1).values(next_attempt_at=retry_at))
+            return Claim(ClaimStatus.AT_CAPACITY, retry_at=retry_at)
+        if max_concurrency is not None:
+            # The attempt starts once it holds a slot: a start time read before the slot
+            # was taken could precede the finish of the run whose slot it inherited.
+            now = utcnow()
+        with self.store.session() as session:
+            changed = rows_changed(session, update(RunRow).where(
+                RunRow.id == run_id, RunRow.status == Q.value, RunRow.attempt == attempt - 1,
+                RunRow.cancel_requested_at.is_(None),
+            ).values(status=R.value, attempt=attempt, worker_id=worker_id, started_at=now,
+                     lease_expires_at=now + timedelta(seconds=lease_seconds),
+                     next_attempt_at=None, error_code=None, error_message=None,
+                     error_stage=None, exit_code=None, finished_at=None)
+              .execution_options(synchronize_session=False))
+            if changed != 1:
+                # Lost to another claim of the same attempt (a job delivered twice),
+                # which holds a slot of its own under the same run and attempt: free
+                # only the slot this claim took, never the winner's.
+                if slot is not None:
+                    session.execute(delete(SlotRow).where(
+                        SlotRow.processor == processor, SlotRow.slot == slot,
+                        SlotRow.run_id == run_id, SlotRow.attempt == attempt))
+                return Claim(ClaimStatus.GONE)
+            session.add(AttemptRow(run_id=run_id, number=attempt, worker_id=worker_id,
+                                   status=R.value, started_at=now))
+        # What the UPDATE wrote, without reading the row back.
+        claimed = replace(known, status=R, attempt=attempt, worker_id=worker_id,
+                          started_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                          next_attempt_at=None, error_code=None, error_message=None,
+                          error_stage=None, exit_code=None, finished_at=None)
+        _transitioned(run_id, attempt, Q, R, worker_id=worker_id)
+        return Claim(ClaimStatus.CLAIMED, run=claimed)
+
+    def _take_slot(self, run_id: str, *, processor: str, attempt: int, cap: int
+                   ) -> int | None:
+        """Hold one of the processor's `cap` slots (its number, or None if all are
+        held); the table's primary key is the lock."""
+        for slot in range(cap):
+            try:
+                with self.store.session() as session:
+                    session.add(SlotRow(processor=processor, slot=slot, run_id=run_id,
+                                        attempt=attempt, taken_at=utcnow()))
+                return slot
+            except IntegrityError:
+                continue
+        return None
+
+    def release_stale_slots(self, *, older_than_seconds: float = 60) -> int:
+        """Free slots whose attempt is not running (a worker died between two steps).
+
+        Only old slots: a slot taken a moment ago belongs to a claim still in progress
+        whose run is not marked running yet.
+        """
+        cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+        with self.store.session() as session:
+            live = select(RunRow.id).where(RunRow.status == R.value,
+                                           RunRow.id == SlotRow.run_id,
+                                           RunRow.attempt == SlotRow.attempt)
+            query = delete(SlotRow).where(~live.exists(), SlotRow.taken_at < cutoff)
+            return rows_changed(session, query.execution_options(synchronize_session=False))
+
+    def heartbeat(self, run_id: str, attempt: int, *, lease_seconds: float) -> Heartbeat:
+        """Renew the attempt's lease; tells whether it is still ours and if cancel came."""
+        now = utcnow()
+        with self.store.session() as session:
+            changed = rows_changed(session, update(RunRow).where(
+                RunRow.id == run_id, RunRow.attempt == attempt, RunRow.status == R.value,
+            ).values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+              .execution_options(synchronize_session=False))
+            if changed != 1:
+                return Heartbeat(owned=False, cancel_requested=False)
+            cancel = session.scalar(select(RunRow.cancel_requested_at)
+                                    .where(RunRow.id == run_id))
+            return Heartbeat(owned=True, cancel_requested=cancel is not None)
+
+    def finish(self, run_id: str, attempt: int, outcome: Finish, *,
+               only_if_lease_expired: bool = False) -> bool:
+        """Record how attempt `attempt` ended; False (and nothing changed) if it lost the run."""
+        now = utcnow()
+        if outcome.status is Q:
+            with self.store.session() as session:
+                canceled = session.scalar(select(RunRow.cancel_requested_at)
+                                          .where(RunRow.id == run_id)) is not None
+            if canceled:  # a cancel that arrived mid-attempt wins over a retry
+                outcome = Finish(RunStatus.CANCELED, exit_code=outcome.exit_code,
+                                 error_code=ErrorCode.CANCELED, error_stage=outcome.error_stage,
+                                 error_message=f"canceled ({outcome.error_message})",
+                                 log_bytes=outcome.log_bytes,
+                                 log_truncated=outcome.log_truncated)
+        conditions = [RunRow.id == run_id, RunRow.attempt == attempt,
+                      RunRow.status.in_(sources(outcome.status)), RunRow.status == R.value]
+        if only_if_lease_expired:
+            conditions.append(or_(RunRow.lease_expires_at.is_(None),
+                                  RunRow.lease_expires_at < now))
+        terminal = outcome.status.terminal
+        values: dict[str, Any] = {
+            "status": outcome.status.value, "exit_code": outcome.exit_code,
+            "error_code": outcome.error_code, "error_message": outcome.error_message,
+            "error_stage": outcome.error_stage, "result": outcome.result,
+            "log_truncated": RunRow.log_truncated | outcome.log_truncated,
+            "lease_expires_at": None, "next_attempt_at": outcome.next_attempt_at,
+            "finished_at": now if terminal else None,
+            "log_bytes": captured_bytes(run_id).scalar_subquery(),
+        }
+        with self.store.session() as session:
+            if rows_changed(session, update(RunRow).where(*conditions).values(**values)
+                        .execution_options(synchronize_session=False)) != 1:
+                self._refused(session, run_id, outcome.status, attempt=attempt)
+                return False
+            session.execute(update(AttemptRow).where(
+                AttemptRow.run_id == run_id, AttemptRow.number == attempt,
+            ).values(status=RunStatus.FAILED.value if outcome.status is Q
+                     else outcome.status.value,
+                     exit_code=outcome.exit_code, error_code=outcome.error_code,
+                     error_message=outcome.error_message, error_stage=outcome.error_stage,
+                     log_bytes=outcome.log_bytes, finished_at=now))
+            session.execute(delete(SlotRow).where(SlotRow.run_id == run_id,
+                                                  SlotRow.attempt == attempt))
+        _transitioned(run_id, attempt, R, outcome.status, error_code=outcome.error_code,
+                      next_attempt_at=outcome.next_attempt_at)
+        return True
+
+    def end_queued(self, run_id: str, target: RunStatus, *, error_code: ErrorCode,
+                   message: str, stage: str) -> bool:
+        """End a run that never started (a cancel)."""
+        with self.store.session() as session:
+            changed = rows_changed(session, update(RunRow).where(
+                RunRow.id == run_id, RunRow.status == Q.value,
+                RunRow.status.in_(sources(target)),
+            ).values(status=target.value, error_code=error_code.value, error_message=message,
+                     error_stage=stage, finished_at=utcnow(), next_attempt_at=None)
+              .execution_options(synchronize_session=False))
+            if changed != 1:
+                self._refused(session, run_id, target)
+                return False
+        _transitioned(run_id, None, Q, target, error_code=error_code)
+        return True
+
+    def cancel(self, run_id: str, *, tenant: str | None) -> Run:
+        """Cancel a run: a queued one ends at once, a running one is stopped by its worker.
+
+        Raises:
+            NotFoundError: no such run for this tenant.
+            ConflictError: the run has already ended.
+        """
+        run = self.store.get_run(run_id, tenant=tenant)
+        if run is None:
+            raise NotFoundError(f"no run {run_id}")
+        if run.status.terminal:
+            raise ConflictError(f"run {run_id} already ended as {run.status}",
+                                status=run.status)
+        if run.status is Q and self.end_queued(run_id, RunStatus.CANCELED,
+                                               error_code=ErrorCode.CANCELED,
+                                               message="canceled before it started",
+                                               stage="queue"):
+            log.info("run_canceled", run_id=run_id, was="queued")
+        else:
+            # Running (or it started a moment ago): its worker sees the request on its
+            # next heartbeat and stops the container within the grace period.
+            with self.store.session() as session:
+                changed = rows_changed(session, update(RunRow).where(
+                    RunRow.id == run_id, RunRow.status == R.value,
+                    RunRow.cancel_requested_at.is_(None),
+                ).values(cancel_requested_at=utcnow())
+                  .execution_options(synchronize_session=False))
+            if changed:
+                log.info("run_cancel_requested", run_id=run_id)
+        current = self.store.get_run(run_id)
+        assert current is not None
+        return current
+
+    # Queries for the reconciler ------------------------------------------------
+
+    def expired_leases(self, *, now: datetime | None = None) -> list[Run]:
+        now = now or utcnow()
+        with self.store.session() as session:
+            rows = session.scalars(select(RunRow).where(
+                RunRow.status == R.value,
+                or_(RunRow.lease_expires_at.is_(None), RunRow.lease_expires_at < now)))
+            return [run_from_row(r) for r in rows]
+
+    def due_queued(self, *, older_than: datetime, limit: int = 500) -> list[Run]:
+        """Queued runs that should be in Redis by now: retries whose backoff is over,
+        and first attempts older than `older_than` (lost on the way to Redis)."""
+        now = utcnow()
+        with self.store.session() as session:
+            rows = session.scalars(select(RunRow).where(
+                RunRow.status == Q.value, RunRow.cancel_requested_at.is_(None),
+                or_(and_(RunRow.next_attempt_at.is_(None), RunRow.created_at < older_than),
+                    RunRow.next_attempt_at <= now),
+            ).order_by(RunRow.next_attempt_at.is_(None), RunRow.next_attempt_at,
+                       RunRow.id).limit(limit))
+            return [run_from_row(r) for r in rows]

@@ -1,0 +1,124 @@
+"""The transport: RQ on Redis. Redis carries run ids only; the database is the truth.
+
+Each job is one attempt of one run (`run-<id>-<attempt>`), so a retry scheduled by
+the attempt before it never collides with that attempt's own job. A job that is
+lost (Redis flushed, a worker killed between dequeue and claim) is found and
+enqueued again by the reconciler, and a job that arrives twice loses its claim.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.job import Job
+from rq.utils import utcparse
+
+from runner.domain import Run
+from runner.errors import ServiceUnavailableError
+
+JOB_FUNCTION = "runner.execution.worker.perform"
+# The RQ job timeout sits well past the container deadline, so the runner's own
+# timeout (SIGTERM, grace, SIGKILL) always fires first.
+JOB_TIMEOUT_MARGIN_SECONDS = 300
+HELD_STATES = {b"queued", b"deferred"}
+# A job a worker has just dequeued ("started") is held too, for as long as a claim can
+# take (milliseconds; seconds on a starved machine): past that, a run still queued in
+# the database means its worker died between dequeue and claim, and the job is lost.
+STARTED_HOLD_SECONDS = 5.0
+
+
+def job_id(run_id: str, attempt: int) -> str:
+    return f"run-{run_id}-{attempt}"
+
+
+class RunQueue:
+    """Puts run attempts on the RQ queue each run's processor is routed to."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._queues: dict[str, Queue] = {}
+
+    @classmethod
+    def from_url(cls, url: str) -> RunQueue:
+        return cls(Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                  health_check_interval=30))
+
+    def _queue(self, name: str) -> Queue:
+        if name not in self._queues:
+            self._queues[name] = Queue(name, connection=self.redis)
+        return self._queues[name]
+
+    def enqueue(self, run: Run, *, stop_grace_seconds: float = 5.0) -> None:
+        """Queue the run's next attempt now.
+
+        A retry waiting out its backoff is not put in Redis early: its next attempt
+        time is in the database, and each worker's requeue pass enqueues it when due
+        (RQ's own scheduler is not used: it forks a process that would inherit the
+        worker's database connections).
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached.
+        """
+        attempt = run.attempt + 1
+        timeout = int(run.timeout_seconds + stop_grace_seconds + JOB_TIMEOUT_MARGIN_SECONDS)
+        # A retry goes to the front: the run has waited its turn once already.
+        options = {"job_id": job_id(run.id, attempt), "job_timeout": timeout,
+                   "at_front": attempt > 1, "result_ttl": 0, "failure_ttl": 7 * 24 * 3600,
+                   "description": f"run {run.id} attempt {attempt} ({run.processor})"}
+        try:
+            self._queue(run.queue).enqueue(JOB_FUNCTION, run.id, attempt, **options)
+        except RedisError as exc:
+            raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
+
+    def enqueue_once(self, run: Run, *, stop_grace_seconds: float = 5.0,
+                     window_seconds: float = 10.0) -> bool:
+        """`enqueue` unless another process enqueued this same due attempt within
+        `window_seconds`; False if it did.
+
+        Every worker runs the requeue pass, so two of them can find the same due run
+        absent from Redis at once; without this both would enqueue it, and the job
+        would be delivered twice (harmless to the run, which only one claim can win,
+        but each duplicate costs a worker a dequeue and RQ a failed cleanup).
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached.
+        """
+        due = run.next_attempt_at or run.created_at
+        key = f"runner:requeue:{job_id(run.id, run.attempt + 1)}:{due.isoformat()}"
+        try:
+            first = self.redis.set(key, b"1", nx=True, px=int(window_seconds * 1000))
+        except RedisError as exc:
+            raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
+        if not first:
+            return False
+        self.enqueue(run, stop_grace_seconds=stop_grace_seconds)
+        return True
+
+    def holds(self, run: Run) -> bool:
+        """True while Redis has the run's next attempt waiting to be picked up, or a
+        worker picked it up a moment ago and is claiming it."""
+        try:
+            status, started_at = self.redis.hmget(
+                Job.key_for(job_id(run.id, run.attempt + 1)), ["status", "started_at"])
+        except RedisError as exc:
+            raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
+        if status in HELD_STATES:
+            return True
+        if status != b"started" or not started_at:
+            return False
+        text = started_at.decode() if isinstance(started_at, bytes) else str(started_at)
+        try:
+            started = utcparse(text)  # RQ's own reader of the timestamps it writes
+        except ValueError:
+            return False
+        return (datetime.now(UTC) - started).total_seconds() < STARTED_HOLD_SECONDS
+
+    def ping(self) -> None:
+        """Raises: ServiceUnavailableError when Redis cannot be reached."""
+        try:
+            self.redis.ping()
+        except RedisError as exc:
+            raise ServiceUnavailableError(f"redis unavailable: {exc}") from exc

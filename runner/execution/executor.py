@@ -1,0 +1,427 @@
+"""Execute one attempt of one run: the one place joining store, manifest and sandbox.
+
+Claim the attempt (only one claim wins), re-check the allowlist at launch, run the
+container while a guard thread renews the lease and watches for a cancel, classify
+how it ended, apply the retry policy, and record the result, fenced by the attempt
+number. A processor's failure comes back from the sandbox as data; a platform
+failure (`SandboxError`) is classified by its error code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import threading
+import time
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+
+from runner.control.lifecycle import ClaimStatus, Lifecycle
+from runner.control.notify import announce
+from runner.control.queue import RunQueue
+from runner.control.retry import decide
+from runner.control.store import Store
+from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
+from runner.errors import SandboxError, ServiceUnavailableError
+from runner.execution.faults import Faults
+from runner.manifest import ManifestSource, Processor, RetryPolicy
+from runner.observability.metrics import WorkerMetrics
+from runner.observability.telemetry import AttemptStages, context_from, trace_id
+from runner.sandbox import (
+    WORKER_LABEL,
+    Outcome,
+    ResultStatus,
+    Sandbox,
+    spec_for,
+)
+
+log = structlog.get_logger(__name__)
+
+RECORD_RETRY_SECONDS = 120  # how long a finished attempt waits out a database outage
+
+
+def _failure(outcome: Outcome) -> tuple[RunStatus, ErrorCode, str] | None:
+    """Why a container's end is not a success, or None when it is one."""
+    result = outcome.result
+    if outcome.timed_out:
+        return (RunStatus.TIMED_OUT, ErrorCode.TIMEOUT,
+                "the processor did not finish before its timeout")
+    if outcome.oom_killed:
+        return (RunStatus.FAILED, ErrorCode.OOM_KILLED,
+                "the processor was killed for exceeding its memory limit")
+    if outcome.exit_code != 0:
+        return (RunStatus.FAILED, ErrorCode.NONZERO_EXIT,
+                f"the processor exited with code {outcome.exit_code}")
+    if result.status is ResultStatus.TOO_LARGE:
+        return (RunStatus.FAILED, ErrorCode.OUTPUT_TOO_LARGE,
+                f"result.json is {result.size} bytes, over the cap")
+    if result.status in (ResultStatus.SYMLINK, ResultStatus.NOT_REGULAR):
+        return (RunStatus.FAILED, ErrorCode.INVALID_OUTPUT,
+                f"result.json is not a regular file ({result.status})")
+    return None
+
+
+def classify(outcome: Outcome) -> Finish:
+    """The terminal record for a container's end (pure: no I/O)."""
+    failure = _failure(outcome)
+    value = None
+    if failure is None and outcome.result.status is ResultStatus.OK:
+        try:
+            value = json.loads(outcome.result.data or b"")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            failure = (RunStatus.FAILED, ErrorCode.INVALID_OUTPUT,
+                       f"result.json is not JSON: {exc}")
+    if failure is None:
+        return Finish(RunStatus.SUCCEEDED, exit_code=outcome.exit_code, result=value,
+                      log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
+    status, code, message = failure
+    stage = "collect" if code in (ErrorCode.INVALID_OUTPUT, ErrorCode.OUTPUT_TOO_LARGE) else "run"
+    return Finish(status, exit_code=outcome.exit_code, error_code=code, error_message=message,
+                  error_stage=stage, log_bytes=outcome.log_bytes,
+                  log_truncated=outcome.log_truncated)
+
+
+class LogWriter:
+    """Batches captured output into the store: bounded memory, live enough to follow.
+
+    A database hiccup keeps the batch (bounded by the log cap) for the next flush.
+    """
+
+    FLUSH_BYTES = 64 * 1024
+    FLUSH_SECONDS = 0.25
+
+    def __init__(self, store: Store, run_id: str, attempt: int, offset: int) -> None:
+        self.store, self.run_id, self.attempt, self.offset = store, run_id, attempt, offset
+        self._buffer = bytearray()
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def write(self, chunk: bytes) -> None:
+        """Called by the log pump thread for each chunk of output."""
+        with self._lock:
+            self._buffer += chunk
+            due = (len(self._buffer) >= self.FLUSH_BYTES
+                   or time.monotonic() - self._last >= self.FLUSH_SECONDS)
+        if due:
+            with contextlib.suppress(ServiceUnavailableError):
+                self.flush()
+
+    def tick(self) -> None:
+        """Called a few times a second, so a last line never waits for the next one."""
+        with self._lock:
+            due = bool(self._buffer) and time.monotonic() - self._last >= self.FLUSH_SECONDS
+        if due:
+            with contextlib.suppress(ServiceUnavailableError):
+                self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._last = time.monotonic()
+            if not self._buffer:
+                return
+            data = bytes(self._buffer)
+            self.store.append_log(self.run_id, self.attempt, offset=self.offset, data=data)
+            self._buffer = bytearray()
+            self.offset += len(data)
+
+
+@dataclass
+class AttemptGuard:
+    """A thread that renews the attempt's lease and stops its container on a cancel
+    or when the lease turns out lost (the reconciler gave the run to someone else)."""
+
+    lifecycle: Lifecycle
+    sandbox: Sandbox
+    run: Run
+    lease_seconds: float
+    interval: float
+    canceled: bool = False
+    lost: bool = False
+    container_id: str | None = None
+    writer: LogWriter | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name=f"guard-{self.run.id[:8]}",
+                         daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def on_start(self, container_id: str) -> None:
+        with self._lock:
+            self.container_id = container_id
+            halt = self.canceled or self.lost
+        if halt:
+            self._halt()
+
+    def _halt(self) -> None:
+        if self.container_id is not None:
+            try:
+                self.sandbox.stop(self.container_id)
+            except SandboxError as exc:
+                log.warning("container_stop_failed", run_id=self.run.id, error=exc.message)
+
+    def _loop(self) -> None:
+        next_beat = time.monotonic() + self.interval
+        while not self._stop.wait(min(LogWriter.FLUSH_SECONDS, self.interval)):
+            if self.writer is not None:
+                self.writer.tick()
+            if time.monotonic() < next_beat:
+                continue
+            next_beat = time.monotonic() + self.interval
+            try:
+                beat = self.lifecycle.heartbeat(self.run.id, self.run.attempt,
+                                                lease_seconds=self.lease_seconds)
+            except ServiceUnavailableError as exc:
+                log.warning("lease_renewal_failed", run_id=self.run.id, error=exc.message)
+                continue
+            with self._lock:
+                newly_lost = not beat.owned and not self.lost
+                newly_canceled = beat.cancel_requested and not self.canceled
+                self.lost = self.lost or not beat.owned
+                self.canceled = self.canceled or beat.cancel_requested
+            if newly_lost or newly_canceled:
+                log.info("attempt_lost" if newly_lost else "attempt_canceling",
+                         run_id=self.run.id, attempt=self.run.attempt)
+                self._halt()
+            if self.lost:
+                return
+
+
+@dataclass
+class Executor:
+    store: Store
+    lifecycle: Lifecycle
+    manifests: ManifestSource
+    sandbox: Sandbox
+    queue: RunQueue
+    worker_id: str
+    lease_seconds: float = 15.0
+    heartbeat_seconds: float = 1.0
+    stop_grace_seconds: float = 5.0
+    faults: Faults = field(default_factory=Faults)
+    tracer: trace.Tracer = field(default_factory=trace.NoOpTracer)
+    metrics: WorkerMetrics | None = None
+    instance: str = "default"  # the deployment's name: the channel of run-end notices
+    _record_pool: ThreadPoolExecutor | None = None
+
+    def execute(self, run_id: str, attempt: int, *,
+                dequeued_at: float | None = None) -> RunStatus | None:
+        """Run attempt `attempt` of `run_id`; the status recorded, or None if not ours.
+
+        `dequeued_at` (time.monotonic) is when the queue handed the job over; the
+        time from there to the container create call is the queue overhead.
+        """
+        dequeued_at = dequeued_at if dequeued_at is not None else time.monotonic()
+        self.faults.point("before_claim")
+        queued = self.store.get_run(run_id)
+        if queued is None:
+            return None
+        # The attempt continues the trace of the request that submitted the run.
+        parent = context_from({"traceparent": queued.traceparent}
+                              if queued.traceparent else None)
+        with self.tracer.start_as_current_span(
+                "run.attempt", context=parent, kind=trace.SpanKind.CONSUMER,
+                attributes={"runner.run_id": run_id, "runner.attempt": attempt,
+                            "runner.processor": queued.processor,
+                            "runner.worker_id": self.worker_id}) as span:
+            context = {"run_id": run_id, "attempt": attempt}
+            if (tid := trace_id(span)) is not None:
+                context["trace_id"] = tid
+            with structlog.contextvars.bound_contextvars(**context):
+                status = self._execute(queued, attempt, dequeued_at)
+            span.set_attribute("runner.status", status.value if status else "not_claimed")
+            return status
+
+    def _execute(self, queued: Run, attempt: int, dequeued_at: float) -> RunStatus | None:
+        run_id = queued.id
+        manifest = self.manifests.current()  # the one this attempt is checked against
+        processor = manifest.find(queued.processor, queued.version)
+        with self.tracer.start_as_current_span("claim") as claim_span:
+            claim = self.lifecycle.claim(
+                run_id, attempt=attempt, worker_id=self.worker_id,
+                lease_seconds=self.lease_seconds,
+                max_concurrency=processor.max_concurrency if processor else None,
+                known=queued)
+            claim_span.set_attribute("runner.claim", claim.status.value)
+        if claim.status is not ClaimStatus.CLAIMED or claim.run is None:
+            # Not due, at capacity, or someone else's: the reconciler queues it again
+            # when it is due, so dropping this job loses nothing.
+            log.info("run_not_claimed", run_id=run_id, attempt=attempt, reason=claim.status)
+            return None
+        run = claim.run
+        self.faults.point("after_claim")
+        bound = log.bind(run_id=run.id, attempt=run.attempt, worker_id=self.worker_id)
+        waited = (run.started_at or utcnow()) - max(
+            t for t in (queued.created_at, queued.next_attempt_at, queued.finished_at) if t)
+        bound.info("run_claimed", processor=run.processor, version=run.version,
+                   queue_wait_ms=round(waited.total_seconds() * 1000, 1))
+        if self.metrics is not None:
+            self.metrics.queue_wait.labels(run.processor).observe(
+                max(waited.total_seconds(), 0))
+            self.metrics.running.inc()
+            self.metrics.stats.begin(run.id)
+        try:
+            status = self._run_claimed(run, processor, dequeued_at, manifest.revision)
+        finally:
+            if self.metrics is not None:
+                self.metrics.running.dec()
+                self.metrics.stats.leave(run.id)
+        return status
+
+    def _run_claimed(self, run: Run, processor: Processor | None,
+                     dequeued_at: float, revision: str) -> RunStatus | None:
+        bound = log.bind(run_id=run.id, attempt=run.attempt, worker_id=self.worker_id)
+        stages = AttemptStages(self.tracer, self.metrics, dequeued_at)
+        guard = AttemptGuard(self.lifecycle, self.sandbox, run, self.lease_seconds,
+                             self.heartbeat_seconds)
+        guard.start()
+        # The allowlist lookup above, made after the job was dequeued, is the launch-time
+        # check: `_attempt` refuses the run if that pin no longer matches its image.
+        policy = processor.retry if processor is not None else RetryPolicy()
+        try:
+            finish = self._attempt(run, processor, guard, stages, revision)
+        except (SystemExit, KeyboardInterrupt):
+            # Cold shutdown: the container is gone (the sandbox removes it on the way
+            # out); hand the run back so another worker retries it as worker_lost.
+            guard.stop()
+            self._record(run, policy, stages, Finish(
+                RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="shutdown",
+                error_message="the worker shut down before the run finished"))
+            raise
+        except ServiceUnavailableError as exc:
+            # The database went away mid-attempt: the container is gone (the sandbox
+            # removes it on the way out); retry it like a lost worker when allowed.
+            guard.stop()
+            bound.warning("attempt_lost_database", error=exc.message)
+            return self._record(run, policy, stages, Finish(
+                RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="database",
+                error_message=f"the database was unavailable mid-attempt: {exc.message}"))
+        except Exception as exc:
+            guard.stop()
+            bound.exception("attempt_crashed")
+            with contextlib.suppress(Exception):
+                self._record(run, RetryPolicy(), stages, Finish(
+                    RunStatus.DEAD_LETTER, error_code=ErrorCode.INTERNAL_ERROR,
+                    error_stage="worker", error_message=f"internal error: {type(exc).__name__}"))
+            raise
+        guard.stop()
+        if guard.lost:
+            bound.warning("attempt_abandoned", reason="lease lost")
+            return None
+        return self._record(run, policy, stages, finish)
+
+    def _attempt(self, run: Run, processor: Processor | None, guard: AttemptGuard,
+                 stages: AttemptStages, revision: str) -> Finish:
+        if processor is None or processor.image != run.image:
+            return Finish(RunStatus.DEAD_LETTER, error_code=ErrorCode.IMAGE_NOT_ALLOWED,
+                          error_stage="launch",
+                          error_message=(f"{run.image} is no longer allowlisted for "
+                                         f"{run.processor} {run.version} "
+                                         f"(manifest {revision})"))
+        spec = spec_for(run_id=run.id, attempt=run.attempt, image=run.image,
+                        limits=processor.limits, timeout_seconds=run.timeout_seconds,
+                        input_json=json.dumps(run.input).encode(),
+                        labels={WORKER_LABEL: self.worker_id})
+        # A first attempt has no output before it; later ones append after earlier ones.
+        offset = self.store.log_offset(run.id) if run.attempt > 1 else 0
+        writer = LogWriter(self.store, run.id, run.attempt, offset)
+        guard.writer = writer
+
+        receipt: dict[str, Any] = {}
+
+        def verified(found: dict[str, Any]) -> None:
+            receipt.update(found, manifest_revision=revision)
+
+        pending: list[Future[None]] = []
+
+        def started(container_id: str, image_id: str) -> None:
+            guard.on_start(container_id)
+            # Written while the container runs, not before its wait begins.
+            pending.append(self._recorder().submit(
+                contextvars.copy_context().run, self._record_container, run,
+                container_id=container_id, image_id=image_id, provenance=receipt or None))
+
+        began = time.monotonic()
+        try:
+            try:
+                outcome = self.sandbox.run(spec, on_log=writer.write, on_start=started,
+                                           stages=stages, on_receipt=verified)
+            finally:
+                futures.wait(pending, timeout=RECORD_RETRY_SECONDS)
+        except SandboxError as exc:
+            if receipt.get("mismatches"):  # keep the evidence of a refused start
+                self._record_container(run, provenance=receipt)
+            with contextlib.suppress(ServiceUnavailableError):
+                writer.flush()
+            log.warning("attempt_platform_failure", run_id=run.id, attempt=run.attempt,
+                        error_code=exc.error_code, error=exc.message)
+            return Finish(RunStatus.FAILED, error_code=exc.error_code,
+                          error_stage=str(exc.context.get("stage", "sandbox")),
+                          error_message=exc.message)
+        self.faults.point("after_container_exit")
+        with contextlib.suppress(ServiceUnavailableError):
+            writer.flush()
+        log.info("container_finished", run_id=run.id, attempt=run.attempt,
+                 exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
+                 timed_out=outcome.timed_out, log_bytes=outcome.log_bytes,
+                 duration_ms=round(outcome.duration_seconds * 1000, 1),
+                 total_ms=round((time.monotonic() - began) * 1000, 1),
+                 stages_ms=stages.timings_ms)
+        if self.metrics is not None and outcome.log_bytes_dropped:
+            self.metrics.log_dropped.labels(run.processor).inc(outcome.log_bytes_dropped)
+        if guard.canceled:
+            return Finish(RunStatus.CANCELED, exit_code=outcome.exit_code,
+                          error_code=ErrorCode.CANCELED, error_stage="run",
+                          error_message="canceled while running",
+                          log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
+        return classify(outcome)
+
+    def _recorder(self) -> ThreadPoolExecutor:
+        if self._record_pool is None:
+            self._record_pool = ThreadPoolExecutor(max_workers=1,
+                                                   thread_name_prefix="recorder")
+        return self._record_pool
+
+    def _record_container(self, run: Run, **found: Any) -> None:
+        try:
+            self.store.record_container(run.id, run.attempt, **found)
+        except ServiceUnavailableError as exc:  # provenance only; the run goes on
+            log.warning("record_container_failed", run_id=run.id, error=exc.message)
+
+    def _record(self, run: Run, policy: RetryPolicy, stages: AttemptStages,
+                 finish: Finish) -> RunStatus | None:
+        """Apply the retry policy and store the result, riding out a database outage;
+        `stages` holds the attempt's timings (the container's run time for metrics)."""
+        decided = decide(finish, policy=policy, attempt=run.attempt, now=utcnow())
+        deadline = time.monotonic() + RECORD_RETRY_SECONDS
+        while True:
+            try:
+                recorded = self.lifecycle.finish(run.id, run.attempt, decided)
+                break
+            except ServiceUnavailableError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("record_retrying", run_id=run.id, error=exc.message)
+                time.sleep(1)
+        log.info("run_finished" if recorded else "run_finish_fenced_off", run_id=run.id,
+                 attempt=run.attempt, status=decided.status, error_code=decided.error_code,
+                 next_attempt_at=decided.next_attempt_at)
+        if self.metrics is not None and recorded:
+            wait_ms = stages.timings_ms.get("wait")
+            self.metrics.record_finish(run.processor, decided.status,
+                                       error_code=decided.error_code,
+                                       seconds=wait_ms / 1000 if wait_ms is not None else None)
+        if recorded and decided.status.terminal:
+            # Last, so a client woken by the notice finds the counters already moved.
+            announce(self.queue.redis, self.instance, run.id)
+        # A retry is enqueued by the requeue pass once its backoff is over.
+        return decided.status if recorded else None

@@ -1,0 +1,174 @@
+"""The reconciler: makes Redis and Docker agree with the database, which is the truth.
+
+One pass (`runner reconcile`, at worker start, and every few seconds in each worker,
+one worker at a time through a Redis lock):
+
+1. running runs whose lease expired: their containers are killed and removed first,
+   then the run is retried as `worker_lost` (or dead-lettered, or canceled if a
+   cancel was pending), fenced on the expired lease so a live worker is never robbed;
+2. queued runs that are due (a retry past its backoff, or a first attempt older than
+   the grace period) but that Redis does not hold are enqueued;
+3. containers labelled by this runner whose run is finished, unknown, or on another
+   attempt are removed once older than the grace period. Unlabelled containers are
+   never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from redis.exceptions import RedisError
+
+from runner.control.lifecycle import Lifecycle
+from runner.control.queue import RunQueue
+from runner.control.retry import decide
+from runner.control.store import Store
+from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
+from runner.errors import RunnerError, SandboxError
+from runner.manifest import ManifestSource, RetryPolicy
+from runner.sandbox import ATTEMPT_LABEL, RUN_LABEL, Sandbox
+
+log = structlog.get_logger(__name__)
+
+LOCK_KEY = "runner:reconciler:lock"
+FOREIGN_RUN_PATIENCE_SECONDS = 300
+
+
+@dataclass
+class Report:
+    expired: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    removed_containers: list[str] = field(default_factory=list)
+    skipped: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.expired or self.requeued or self.removed_containers)
+
+
+@dataclass
+class Reconciler:
+    store: Store
+    lifecycle: Lifecycle
+    queue: RunQueue
+    sandbox: Sandbox | None
+    manifests: ManifestSource
+    grace_seconds: float = 10.0
+    stop_grace_seconds: float = 5.0
+    # Short, so a worker killed while holding the lock delays the others only briefly.
+    lock_seconds: float = 5.0
+
+    def run_once(self) -> Report:
+        """One pass; skipped when another process holds the reconciler lock."""
+        token = f"{utcnow().timestamp()}"
+        try:
+            if not self.queue.redis.set(LOCK_KEY, token, nx=True,
+                                        px=int(self.lock_seconds * 1000)):
+                return Report(skipped=True)
+        except RedisError as exc:
+            log.warning("reconcile_lock_unavailable", error=str(exc))
+            token = ""  # Redis is down: still recover leases and containers
+        report = Report()
+        try:
+            self._expire_leases(report)
+            self._requeue(report)
+            self._sweep_containers(report)
+        finally:
+            if token:
+                with contextlib.suppress(RedisError):
+                    if self.queue.redis.get(LOCK_KEY) == token.encode():
+                        self.queue.redis.delete(LOCK_KEY)
+        if report:
+            log.info("reconciled", expired=report.expired, requeued=report.requeued,
+                     removed_containers=report.removed_containers)
+        return report
+
+    def _policy(self, run: Run) -> RetryPolicy | None:
+        """The run's retry policy; None while another pool may own the decision.
+
+        When this reconciler's manifest lacks the processor version, a worker pool
+        with another manifest may know it: leave the run to that pool's reconciler for
+        a while, then (the version was removed, say) end it under the default policy.
+        """
+        found = self.manifests.current().find(run.processor, run.version)
+        if found is not None:
+            return found.retry
+        expired = run.lease_expires_at or run.started_at or utcnow()
+        if utcnow() - expired < timedelta(seconds=FOREIGN_RUN_PATIENCE_SECONDS):
+            return None
+        return RetryPolicy()
+
+    def _expire_leases(self, report: Report) -> None:
+        for run in self.lifecycle.expired_leases():
+            policy = self._policy(run)
+            if self.sandbox is None or policy is None:
+                continue  # without the engine we cannot be sure the container is gone
+            # The old container dies first, so the retry never overlaps it.
+            try:
+                for container in self.sandbox.managed_containers(**{RUN_LABEL: run.id}):
+                    self.sandbox.remove(container["Id"])
+            except SandboxError as exc:
+                log.warning("lease_expiry_deferred", run_id=run.id, error=exc.message)
+                continue
+            if run.cancel_requested_at is not None:
+                finish = Finish(RunStatus.CANCELED, error_code=ErrorCode.CANCELED,
+                                error_stage="lease", error_message="canceled; its worker was lost")
+            else:
+                finish = decide(Finish(
+                    RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="lease",
+                    error_message=f"worker {run.worker_id} stopped renewing its lease"),
+                    policy=policy, attempt=run.attempt, now=utcnow())
+            if self.lifecycle.finish(run.id, run.attempt, finish, only_if_lease_expired=True):
+                report.expired.append(run.id)
+                log.warning("lease_expired", run_id=run.id, attempt=run.attempt,
+                            worker_id=run.worker_id, now=finish.status)
+
+
+    def requeue_due(self) -> list[str]:
+        """Enqueue queued runs that are due but not in Redis: retries whose backoff is
+        over, and first attempts lost on the way (after the grace period). Cheap;
+        workers run it every half second."""
+        cutoff = utcnow() - timedelta(seconds=self.grace_seconds)
+        requeued: list[str] = []
+        for run in self.lifecycle.due_queued(older_than=cutoff):
+            try:
+                if self.queue.holds(run) or not self.queue.enqueue_once(
+                        run, stop_grace_seconds=self.stop_grace_seconds):
+                    continue
+            except RunnerError as exc:
+                log.warning("requeue_failed", run_id=run.id, error=exc.message)
+                break
+            requeued.append(run.id)
+        return requeued
+
+    def _requeue(self, report: Report) -> None:
+        report.requeued += self.requeue_due()
+        self.lifecycle.release_stale_slots()
+
+    def _sweep_containers(self, report: Report) -> None:
+        if self.sandbox is None:
+            return
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.grace_seconds)
+        try:
+            containers = self.sandbox.managed_containers()
+        except SandboxError as exc:
+            log.warning("container_sweep_failed", error=exc.message)
+            return
+        for container in containers:
+            labels = container.get("Labels") or {}
+            run_id, attempt = labels.get(RUN_LABEL), labels.get(ATTEMPT_LABEL)
+            if datetime.fromtimestamp(container.get("Created", 0), UTC) > cutoff:
+                continue
+            run = self.store.get_run(run_id) if run_id else None
+            if (run is not None and run.status is RunStatus.RUNNING
+                    and attempt == str(run.attempt)):
+                continue  # the live attempt's own container
+            try:
+                self.sandbox.remove(container["Id"])
+            except SandboxError as exc:
+                log.warning("container_remove_failed", container_id=container["Id"],
+                            error=exc.message)
+                continue
+            report.removed_containers.append(container["Id"])

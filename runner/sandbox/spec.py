@@ -1,0 +1,134 @@
+"""What a processor container is: its labels, the platform's settings, one attempt's
+spec, and how it ended. Plain data; nothing here talks to Docker.
+
+`spec_for` is the one builder of a `ContainerSpec`, used by the worker and by
+`runner processor run` alike, so a local run is the production container by code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from runner.manifest.model import Limits
+
+MANAGED_LABEL = "io.container-runner.managed"
+# Which deployment (database) made a container: a reconciler only ever touches its
+# own, so two runners sharing one Docker engine cannot remove each other's.
+INSTANCE_LABEL = "io.container-runner.instance"
+RUN_LABEL = "io.container-runner.run-id"
+ATTEMPT_LABEL = "io.container-runner.attempt"
+WORKER_LABEL = "io.container-runner.worker-id"
+
+# Inside the container: a private tmpfs, not the host's /tmp.
+CONTAINER_TMP = "/tmp"  # noqa: S108
+RUN_DIR = "/run"
+RESULT_PATH = "/run/out/result.json"
+IMAGE_ID = re.compile(r"^sha256:[a-f0-9]{64}$")
+
+LogSink = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Platform-wide container settings (from `Settings`)."""
+
+    user: str = "65532:65532"
+    tmp_size_bytes: int = 64 * 1024 * 1024
+    stop_grace_seconds: float = 5.0
+    result_max_bytes: int = 1024 * 1024
+    instance: str = "default"
+    # Workers remove a finished container in a background thread, after its result is
+    # read, so the removal is off the run's critical path (and overlaps the next run).
+    remove_in_background: bool = False
+    # `runner processor run` only: accept a bare local image id (sha256:<64 hex>) of an
+    # image built here and never pushed; inspected, never pulled. The manifest cannot
+    # hold a bare id, so a worker never takes this path.
+    allow_image_ids: bool = False
+    # On a local engine without user-namespace remapping, write the input into and read
+    # the result from the /run volume's directory on the host (the mount point the
+    # engine reports), instead of two archive API calls; those re-mount the container's
+    # root filesystem and cost 100 ms or more each on some storage drivers. The engine
+    # path is the fallback whenever the directory is not reachable from this process.
+    direct_volume_io: bool = True
+
+    @property
+    def uid_gid(self) -> tuple[int, int]:
+        uid, _, gid = self.user.partition(":")
+        return int(uid), int(gid or uid)
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """One attempt's container: what runs, under which limits, with which input."""
+
+    name: str
+    image: str
+    cpus: float
+    memory_bytes: int
+    pids_limit: int
+    timeout_seconds: float
+    log_cap_bytes: int
+    input_json: bytes
+    environment: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def container_name(run_id: str, attempt: int) -> str:
+    """Deterministic, so a second create of the same attempt is a 409 we recognise."""
+    return f"runner-{run_id}-{attempt}"
+
+
+def spec_for(*, run_id: str, attempt: int, image: str, limits: Limits,
+             timeout_seconds: float, input_json: bytes,
+             labels: Mapping[str, str] | None = None) -> ContainerSpec:
+    """The container of attempt `attempt` of `run_id` under a processor's `limits`.
+
+    The timeout is the smaller of the run's and the processor's; the environment and
+    the run and attempt labels are the same for a worker's run and a local one.
+    """
+    return ContainerSpec(
+        name=container_name(run_id, attempt),
+        image=image,
+        cpus=limits.cpus,
+        memory_bytes=limits.memory_bytes,
+        pids_limit=limits.pids,
+        timeout_seconds=min(timeout_seconds, limits.timeout_seconds),
+        log_cap_bytes=limits.log_bytes,
+        input_json=input_json,
+        environment={"RUNNER_RUN_ID": run_id, "RUNNER_ATTEMPT": str(attempt)},
+        labels={RUN_LABEL: run_id, ATTEMPT_LABEL: str(attempt), **(labels or {})},
+    )
+
+
+class ResultStatus(StrEnum):
+    ABSENT = "absent"
+    OK = "ok"
+    SYMLINK = "symlink"
+    NOT_REGULAR = "not_regular"
+    TOO_LARGE = "too_large"
+
+
+@dataclass(frozen=True)
+class CollectedResult:
+    status: ResultStatus
+    data: bytes | None = None
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a container ended; a processor's failure is data, not an exception."""
+
+    container_id: str
+    image_id: str
+    exit_code: int | None
+    oom_killed: bool
+    timed_out: bool
+    duration_seconds: float
+    log_bytes: int
+    log_truncated: bool
+    result: CollectedResult
+    log_bytes_dropped: int = 0

@@ -1,0 +1,274 @@
+"""How input.json gets into a container's /run volume and result.json out of it.
+
+Two implementations of one small interface, chosen once per container:
+
+- `VolumeTransfer` writes and reads the volume's directory on the host (the mount
+  point the engine reports). Only for a local engine without user-namespace
+  remapping, and only as root, who can give out/ to the processor's uid.
+- `ArchiveTransfer` uses the engine's put/get archive API, so a worker that only has
+  the Docker socket (in a container of its own, or a remote engine) works too.
+
+Both refuse a result that is a link, a FIFO or another non-regular file, or that is
+larger than the cap, with the same verdicts (`_verdict`, `_accepted`), and neither
+follows a link nor blocks on a FIFO the processor left.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+import tarfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import docker
+import docker.errors
+import structlog
+
+from runner.errors import SandboxError
+from runner.sandbox.spec import RESULT_PATH, RUN_DIR, CollectedResult, ResultStatus, SandboxConfig
+from runner.sandbox.translate import docker_errors
+
+log = structlog.get_logger(__name__)
+
+# Go os.FileMode type bits, as the engine reports them in archive stat headers.
+_MODE_DIR = 1 << 31
+_MODE_SYMLINK = 1 << 27
+_MODE_TYPE = _MODE_DIR | (1 << 27) | (1 << 26) | (1 << 25) | (1 << 24) | (1 << 21) | (1 << 19)
+_TAR_SLACK = 64 * 1024  # tar headers and padding around the file
+
+Kind = Literal["symlink", "other", "regular"]
+
+
+class Transfer(Protocol):
+    """Input in before the start, result out after a clean exit."""
+
+    name: str
+
+    def deliver(self, input_json: bytes) -> None:
+        """Write input.json (root's, read-only) and out/ (the processor's).
+
+        Raises:
+            SandboxError: the files could not be written (stage "deliver input").
+        """
+
+    def collect(self) -> CollectedResult:
+        """Read out/result.json, or say why it is not usable.
+
+        Raises:
+            SandboxError: the volume or the engine failed (stage "collect").
+        """
+
+
+def _verdict(kind: Kind, size: int, cap: int) -> CollectedResult | None:
+    """The verdict on a result file from what is known before reading it; None when
+    its bytes are to be read."""
+    if kind == "symlink":
+        return CollectedResult(ResultStatus.SYMLINK, size=size)
+    if kind == "other":
+        return CollectedResult(ResultStatus.NOT_REGULAR, size=size)
+    if size > cap:
+        return CollectedResult(ResultStatus.TOO_LARGE, size=size)
+    return None
+
+
+def _accepted(data: bytes, cap: int) -> CollectedResult:
+    """The verdict on the bytes read (a file may grow between its stat and its read)."""
+    if len(data) > cap:
+        return CollectedResult(ResultStatus.TOO_LARGE, size=len(data))
+    return CollectedResult(ResultStatus.OK, data=data, size=len(data))
+
+
+def input_archive(input_json: bytes, uid: int, gid: int) -> bytes:
+    """A tar holding `input.json` (read-only, root's) and `out/` (the processor's)."""
+    buffer = io.BytesIO()
+    now = time.time()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("input.json")
+        info.size, info.mode, info.mtime = len(input_json), 0o444, now
+        tar.addfile(info, io.BytesIO(input_json))
+        out = tarfile.TarInfo("out")
+        out.type, out.mode, out.mtime, out.uid, out.gid = tarfile.DIRTYPE, 0o700, now, uid, gid
+        tar.addfile(out)
+    return buffer.getvalue()
+
+
+class ArchiveTransfer:
+    """Through the engine's archive API (works wherever the Docker socket does)."""
+
+    name = "archive"
+
+    def __init__(self, api: docker.APIClient, container_id: str, config: SandboxConfig) -> None:
+        self.api, self.container_id = api, container_id
+        self.uid, self.gid = config.uid_gid
+        self.cap = config.result_max_bytes
+
+    def deliver(self, input_json: bytes) -> None:
+        with docker_errors("deliver input"):
+            self.api.put_archive(self.container_id, RUN_DIR,
+                                 input_archive(input_json, self.uid, self.gid))
+
+    def collect(self) -> CollectedResult:
+        with docker_errors("collect"):
+            try:
+                stream, info = self.api.get_archive(self.container_id, RESULT_PATH,
+                                                    chunk_size=64 * 1024)
+            except docker.errors.NotFound:
+                return CollectedResult(ResultStatus.ABSENT)
+        try:
+            mode, size = int(info.get("mode", 0)), int(info.get("size", 0))
+            kind: Kind = ("symlink" if info.get("linkTarget") or mode & _MODE_SYMLINK
+                          else "other" if mode & _MODE_TYPE else "regular")
+            if (early := _verdict(kind, size, self.cap)) is not None:
+                return early
+            buffer = bytearray()
+            with docker_errors("collect"):
+                for chunk in stream:
+                    buffer += chunk
+                    if len(buffer) > self.cap + _TAR_SLACK:
+                        return CollectedResult(ResultStatus.TOO_LARGE, size=len(buffer))
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        with tarfile.open(fileobj=io.BytesIO(bytes(buffer)), mode="r") as tar:
+            member = tar.next()
+            if member is None:
+                return CollectedResult(ResultStatus.ABSENT)
+            kind = ("symlink" if member.issym() or member.islnk()
+                    else "regular" if member.isreg() else "other")
+            if (late := _verdict(kind, member.size, self.cap)) is not None:
+                return late
+            extracted = tar.extractfile(member)
+            data = extracted.read() if extracted is not None else b""
+        return _accepted(data, self.cap)
+
+
+class VolumeTransfer:
+    """Through the /run volume's directory on the host: no archive round trips."""
+
+    name = "volume"
+
+    def __init__(self, run_dir: Path, config: SandboxConfig) -> None:
+        self.run_dir = run_dir
+        self.uid, self.gid = config.uid_gid
+        self.cap = config.result_max_bytes
+
+    def deliver(self, input_json: bytes) -> None:
+        try:
+            self._deliver(input_json)
+        except OSError as exc:
+            raise SandboxError(f"deliver input: {exc}", stage="deliver input") from exc
+
+    def _deliver(self, input_json: bytes) -> None:
+        directory = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = os.open("input.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o444, dir_fd=directory)
+            try:
+                view = memoryview(input_json)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, 0o444)
+            finally:
+                os.close(fd)
+            os.mkdir("out", 0o700, dir_fd=directory)
+            os.chown("out", self.uid, self.gid, dir_fd=directory, follow_symlinks=False)
+            os.chmod("out", 0o700, dir_fd=directory)
+        finally:
+            os.close(directory)
+
+    def collect(self) -> CollectedResult:
+        try:
+            return self._collect()
+        except OSError as exc:  # the volume went away under us
+            raise SandboxError(f"collect: {exc}", stage="collect") from exc
+
+    def _collect(self) -> CollectedResult:
+        directory = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                out = os.open("out", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                              dir_fd=directory)
+            except OSError:
+                return CollectedResult(ResultStatus.ABSENT)
+            try:
+                return self._read_result(out)
+            finally:
+                os.close(out)
+        finally:
+            os.close(directory)
+
+    def _read_result(self, out: int) -> CollectedResult:
+        try:
+            fd = os.open("result.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_NOCTTY, dir_fd=out)
+        except FileNotFoundError:
+            return CollectedResult(ResultStatus.ABSENT)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                size = os.stat("result.json", dir_fd=out, follow_symlinks=False).st_size
+                return CollectedResult(ResultStatus.SYMLINK, size=size)
+            return CollectedResult(ResultStatus.NOT_REGULAR)
+        try:
+            info = os.fstat(fd)
+            kind: Kind = "regular" if stat.S_ISREG(info.st_mode) else "other"
+            if (early := _verdict(kind, info.st_size, self.cap)) is not None:
+                return early
+            chunks, total = [], 0
+            while total <= self.cap and (chunk := os.read(fd, self.cap + 1 - total)):
+                chunks.append(chunk)
+                total += len(chunk)
+            return _accepted(b"".join(chunks), self.cap)
+        finally:
+            os.close(fd)
+
+
+class TransferChooser:
+    """Decides, once per process, whether the volume path is usable at all, and then
+    per container which of the two paths it takes."""
+
+    def __init__(self, api: docker.APIClient, config: SandboxConfig) -> None:
+        self.api, self.config = api, config
+        self._direct: bool | None = None  # decided on first use (one `info` call)
+
+    def for_container(self, container_id: str, attrs: Mapping[str, Any]) -> Transfer:
+        run_dir = self._run_dir(attrs)
+        if run_dir is not None:
+            return VolumeTransfer(run_dir, self.config)
+        return ArchiveTransfer(self.api, container_id, self.config)
+
+    def direct_io(self) -> bool:
+        """Whether this process may use the volume path at all (decided once)."""
+        if self._direct is None:
+            # Only root can give out/ to the processor's uid; a remote engine's paths are
+            # not ours (ssh:// also looks local to docker-py, but its paths are absent).
+            if not (self.config.direct_volume_io and os.geteuid() == 0
+                    and self.api.base_url.startswith("http+docker:")):
+                self._direct = False
+                return False
+            try:
+                with docker_errors("info"):
+                    options = " ".join(self.api.info().get("SecurityOptions") or [])
+            except SandboxError as exc:
+                # Undecided: this run takes the archive path, the next one asks again
+                # (a pooled connection the engine dropped fails once, like this).
+                log.warning("direct_volume_io_undecided", error=exc.message)
+                return False
+            # Remapped or rootless engines own the files under other ids than ours.
+            self._direct = "userns" not in options and "rootless" not in options
+        return self._direct
+
+    def _run_dir(self, attrs: Mapping[str, Any]) -> Path | None:
+        if not self.direct_io():
+            return None
+        for mount in attrs.get("Mounts") or []:
+            if mount.get("Destination") == RUN_DIR and mount.get("Type") == "volume":
+                source = mount.get("Source")
+                if source and os.path.isdir(source) and os.access(source, os.W_OK):
+                    return Path(source)
+        return None
