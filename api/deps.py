@@ -8,7 +8,8 @@ from fastapi import Request
 from opentelemetry import trace
 
 from runner.control.keys import Keys
-from runner.control.notify import EndWatcher
+from runner.control.lifecycle import Lifecycle
+from runner.control.notify import EndWatcher, RunEndNotice
 from runner.control.queue import RunQueue
 from runner.control.ratelimit import RateLimiter
 from runner.control.store import Store
@@ -25,6 +26,7 @@ class Services:
     queue: RunQueue
     limiter: RateLimiter
     keys: Keys
+    lifecycle: Lifecycle
     tracer: trace.Tracer = field(default_factory=trace.NoOpTracer)
     long_polls: int = 0  # GET ?wait= requests being held now (event loop only)
     ends: EndWatcher = field(init=False)  # wakes held long polls
@@ -39,9 +41,13 @@ class Services:
         if tracer is None:
             tracer = tracer_of(build_tracer_provider(settings, "api"))
         store = Store(settings.database_url)
+        # Every final status written through the API (a cancel of a queued run) wakes
+        # the long polls of every API process, as a worker's writes do.
+        lifecycle = Lifecycle(store, listeners=[RunEndNotice(queue.redis, settings.instance)])
         return cls(settings=settings, store=store,
                    manifests=ManifestSource(settings.manifest), queue=queue,
-                   limiter=RateLimiter(queue.redis), keys=Keys(store), tracer=tracer)
+                   limiter=RateLimiter(queue.redis), keys=Keys(store), lifecycle=lifecycle,
+                   tracer=tracer)
 
 
 def services(request: Request) -> Services:

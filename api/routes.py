@@ -25,8 +25,6 @@ from api.schemas import (
     RunList,
     RunOut,
 )
-from runner.control.lifecycle import Lifecycle
-from runner.control.notify import announce
 from runner.control.runs import Submission, replay, submit
 from runner.domain import Run, RunStatus
 from runner.errors import InvalidRequestError, NotFoundError
@@ -192,10 +190,9 @@ def _run_view(svc: Services, run: Run) -> RunOut:
 def cancel_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
                svc: Annotated[Services, Depends(services)]) -> RunOut:
     """Cancel: a queued run never starts; a running one is stopped within its grace."""
-    run = Lifecycle(svc.store).cancel(run_id, tenant=who.tenant)
-    if run.status.terminal:  # a queued run ended here; a running one ends on its worker
-        announce(svc.queue.redis, svc.settings.instance, run.id)
-    return RunOut.of(run)
+    # A queued run ends here (its lifecycle tells the run-end listeners); a running
+    # one ends on its worker.
+    return RunOut.of(svc.lifecycle.cancel(run_id, tenant=who.tenant))
 
 
 @router.post("/runs/{run_id}/replay", status_code=202, response_model=RunOut,

@@ -64,7 +64,6 @@ class Settings(BaseSettings):
     drain_timeout_seconds: float = Field(default=60.0, ge=0)
     reconcile_interval_seconds: float = Field(default=5.0, gt=0)
     reconcile_grace_seconds: float = Field(default=10.0, ge=0)
-    fault_points: str = ""
 
     # Each worker's /metrics, /healthz and /readyz; 0 = off. Under --concurrency N,
     # worker i of the supervisor listens on worker_port + i - 1.
@@ -116,16 +115,6 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
-
-    @field_validator("fault_points")
-    @classmethod
-    def _faults(cls, value: str) -> str:
-        from runner.execution.faults import POINTS
-
-        unknown = {p for p in value.split(",") if p} - POINTS
-        if unknown:
-            raise ValueError(f"unknown fault points {sorted(unknown)}; known: {sorted(POINTS)}")
-        return value
 
     @field_validator("container_user")
     @classmethod

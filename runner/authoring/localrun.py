@@ -33,8 +33,8 @@ from runner.errors import (
     ManifestError,
     UnknownProcessorError,
 )
-from runner.execution.executor import classify
-from runner.execution.worker import sandbox_config
+from runner.execution.classify import classify
+from runner.execution.wiring import sandbox_config
 from runner.manifest import Limits, Processor, RetryPolicy, load_manifest, parse_manifest
 from runner.manifest.diff import seconds_text, size_text
 from runner.sandbox import (

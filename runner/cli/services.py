@@ -32,7 +32,8 @@ def worker_command(
                                              help="Worker processes to run.")] = 1,
 ) -> None:
     """Run RQ workers that execute runs in containers."""
-    from runner.execution.worker import run_worker, supervise
+    from runner.execution.supervisor import supervise
+    from runner.execution.worker import run_worker
 
     cfg = settings("worker")
     if concurrency > 1:
@@ -46,7 +47,7 @@ def worker_command(
 @command
 def reconcile_command() -> None:
     """One reconciler pass: recover expired leases, lost jobs, leftover containers."""
-    from runner.execution.worker import build_reconciler
+    from runner.execution.wiring import build_reconciler
 
     report = build_reconciler(settings("reconciler")).run_once()
     if report.skipped:

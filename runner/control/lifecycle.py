@@ -8,6 +8,7 @@ attempt number: a stalled worker's late write matches no row.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -66,11 +67,38 @@ class Heartbeat:
     cancel_requested: bool
 
 
-class Lifecycle:
-    """Status changes of runs, on top of a `Store`."""
+@dataclass(frozen=True)
+class RunEnded:
+    """A run reached a final status (told to every run-end listener, once)."""
 
-    def __init__(self, store: Store) -> None:
+    run_id: str
+    status: RunStatus
+    attempt: int | None
+    error_code: str | None
+
+
+RunEndListener = Callable[[RunEnded], None]
+
+
+class Lifecycle:
+    """Status changes of runs, on top of a `Store`.
+
+    `listeners` hear about every final status this lifecycle writes, whoever asks for
+    it (a worker, the reconciler, a cancel from the API or `runner ops`): the Redis
+    run-end notice today, webhooks next. A listener that fails is logged and never
+    undoes or blocks the write.
+    """
+
+    def __init__(self, store: Store, listeners: Iterable[RunEndListener] = ()) -> None:
         self.store = store
+        self.listeners: list[RunEndListener] = list(listeners)
+
+    def _ended(self, event: RunEnded) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener never undoes a recorded end
+                log.exception("run_end_listener_failed", run_id=event.run_id)
 
     def _refused(self, session: Session, run_id: str, target: RunStatus,
                  attempt: int | None = None) -> None:
@@ -225,6 +253,8 @@ class Lifecycle:
                                                   SlotRow.attempt == attempt))
         _transitioned(run_id, attempt, R, outcome.status, error_code=outcome.error_code,
                       next_attempt_at=outcome.next_attempt_at)
+        if terminal:
+            self._ended(RunEnded(run_id, outcome.status, attempt, outcome.error_code))
         return True
 
     def end_queued(self, run_id: str, target: RunStatus, *, error_code: ErrorCode,
@@ -241,6 +271,7 @@ class Lifecycle:
                 self._refused(session, run_id, target)
                 return False
         _transitioned(run_id, None, Q, target, error_code=error_code)
+        self._ended(RunEnded(run_id, target, None, error_code.value))
         return True
 
     def cancel(self, run_id: str, *, tenant: str | None) -> Run:

@@ -1,7 +1,7 @@
 """Run-end notices over Redis pub/sub, so a held long poll answers as soon as its run
 ends instead of checking the database over and over.
 
-Best effort on both sides: a lost notice (Redis down, a run ended by the reconciler)
+Best effort on both sides: a lost notice (Redis down, an API process restarting)
 only means the API's slow check, a few times a second, sees the end instead.
 """
 
@@ -14,6 +14,8 @@ import time
 import structlog
 from redis import Redis
 from redis.exceptions import RedisError
+
+from runner.control.lifecycle import RunEnded
 
 log = structlog.get_logger(__name__)
 
@@ -29,6 +31,16 @@ def announce(redis: Redis, instance: str, run_id: str) -> None:
         redis.publish(channel(instance), run_id)
     except RedisError as exc:
         log.debug("run_end_notice_lost", run_id=run_id, error=str(exc))
+
+
+class RunEndNotice:
+    """The run-end listener that publishes the notice (`Lifecycle(listeners=...)`)."""
+
+    def __init__(self, redis: Redis, instance: str) -> None:
+        self.redis, self.instance = redis, instance
+
+    def __call__(self, ended: RunEnded) -> None:
+        announce(self.redis, self.instance, ended.run_id)
 
 
 Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Event]

@@ -1,10 +1,13 @@
-"""Execute one attempt of one run: the one place joining store, manifest and sandbox.
+"""Execute one attempt of one run, top to bottom: the one place joining the ledger
+(the control layer), the manifest and the sandbox.
 
-Claim the attempt (only one claim wins), re-check the allowlist at launch, run the
-container while a guard thread renews the lease and watches for a cancel, classify
-how it ended, apply the retry policy, and record the result, fenced by the attempt
-number. A processor's failure comes back from the sandbox as data; a platform
-failure (`SandboxError`) is classified by its error code.
+`Executor.execute` reads the run and claims the attempt (only one claim wins);
+`_run_claimed` starts the guard (lease, cancel) and turns crashes into the right
+ending; `_attempt` re-checks the allowlist at launch, builds the container spec and
+runs it; `classify` names how it ended; `_record` applies the retry policy and
+writes the end, fenced by the attempt number, riding out a database outage. Every
+read and write of the run goes through `RunLedger`; run-end notices and other
+listeners fire inside the ledger's finish, never from here.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-import threading
 import time
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,195 +24,35 @@ from typing import Any
 import structlog
 from opentelemetry import trace
 
-from runner.control.lifecycle import ClaimStatus, Lifecycle
-from runner.control.notify import announce
-from runner.control.queue import RunQueue
+from runner.control.lifecycle import ClaimStatus
 from runner.control.retry import decide
-from runner.control.store import Store
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
 from runner.errors import SandboxError, ServiceUnavailableError
-from runner.execution.faults import Faults
+from runner.execution.classify import classify
+from runner.execution.guard import AttemptGuard, LogWriter
+from runner.execution.ports import FaultHook, RunLedger, SandboxPort, no_fault
 from runner.manifest import ManifestSource, Processor, RetryPolicy
 from runner.observability.metrics import WorkerMetrics
 from runner.observability.telemetry import AttemptStages, context_from, trace_id
-from runner.sandbox import (
-    WORKER_LABEL,
-    Outcome,
-    ResultStatus,
-    Sandbox,
-    spec_for,
-)
+from runner.sandbox import WORKER_LABEL, spec_for
 
 log = structlog.get_logger(__name__)
 
 RECORD_RETRY_SECONDS = 120  # how long a finished attempt waits out a database outage
 
 
-def _failure(outcome: Outcome) -> tuple[RunStatus, ErrorCode, str] | None:
-    """Why a container's end is not a success, or None when it is one."""
-    result = outcome.result
-    if outcome.timed_out:
-        return (RunStatus.TIMED_OUT, ErrorCode.TIMEOUT,
-                "the processor did not finish before its timeout")
-    if outcome.oom_killed:
-        return (RunStatus.FAILED, ErrorCode.OOM_KILLED,
-                "the processor was killed for exceeding its memory limit")
-    if outcome.exit_code != 0:
-        return (RunStatus.FAILED, ErrorCode.NONZERO_EXIT,
-                f"the processor exited with code {outcome.exit_code}")
-    if result.status is ResultStatus.TOO_LARGE:
-        return (RunStatus.FAILED, ErrorCode.OUTPUT_TOO_LARGE,
-                f"result.json is {result.size} bytes, over the cap")
-    if result.status in (ResultStatus.SYMLINK, ResultStatus.NOT_REGULAR):
-        return (RunStatus.FAILED, ErrorCode.INVALID_OUTPUT,
-                f"result.json is not a regular file ({result.status})")
-    return None
-
-
-def classify(outcome: Outcome) -> Finish:
-    """The terminal record for a container's end (pure: no I/O)."""
-    failure = _failure(outcome)
-    value = None
-    if failure is None and outcome.result.status is ResultStatus.OK:
-        try:
-            value = json.loads(outcome.result.data or b"")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            failure = (RunStatus.FAILED, ErrorCode.INVALID_OUTPUT,
-                       f"result.json is not JSON: {exc}")
-    if failure is None:
-        return Finish(RunStatus.SUCCEEDED, exit_code=outcome.exit_code, result=value,
-                      log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
-    status, code, message = failure
-    stage = "collect" if code in (ErrorCode.INVALID_OUTPUT, ErrorCode.OUTPUT_TOO_LARGE) else "run"
-    return Finish(status, exit_code=outcome.exit_code, error_code=code, error_message=message,
-                  error_stage=stage, log_bytes=outcome.log_bytes,
-                  log_truncated=outcome.log_truncated)
-
-
-class LogWriter:
-    """Batches captured output into the store: bounded memory, live enough to follow.
-
-    A database hiccup keeps the batch (bounded by the log cap) for the next flush.
-    """
-
-    FLUSH_BYTES = 64 * 1024
-    FLUSH_SECONDS = 0.25
-
-    def __init__(self, store: Store, run_id: str, attempt: int, offset: int) -> None:
-        self.store, self.run_id, self.attempt, self.offset = store, run_id, attempt, offset
-        self._buffer = bytearray()
-        self._last = 0.0
-        self._lock = threading.Lock()
-
-    def write(self, chunk: bytes) -> None:
-        """Called by the log pump thread for each chunk of output."""
-        with self._lock:
-            self._buffer += chunk
-            due = (len(self._buffer) >= self.FLUSH_BYTES
-                   or time.monotonic() - self._last >= self.FLUSH_SECONDS)
-        if due:
-            with contextlib.suppress(ServiceUnavailableError):
-                self.flush()
-
-    def tick(self) -> None:
-        """Called a few times a second, so a last line never waits for the next one."""
-        with self._lock:
-            due = bool(self._buffer) and time.monotonic() - self._last >= self.FLUSH_SECONDS
-        if due:
-            with contextlib.suppress(ServiceUnavailableError):
-                self.flush()
-
-    def flush(self) -> None:
-        with self._lock:
-            self._last = time.monotonic()
-            if not self._buffer:
-                return
-            data = bytes(self._buffer)
-            self.store.append_log(self.run_id, self.attempt, offset=self.offset, data=data)
-            self._buffer = bytearray()
-            self.offset += len(data)
-
-
-@dataclass
-class AttemptGuard:
-    """A thread that renews the attempt's lease and stops its container on a cancel
-    or when the lease turns out lost (the reconciler gave the run to someone else)."""
-
-    lifecycle: Lifecycle
-    sandbox: Sandbox
-    run: Run
-    lease_seconds: float
-    interval: float
-    canceled: bool = False
-    lost: bool = False
-    container_id: str | None = None
-    writer: LogWriter | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def start(self) -> None:
-        threading.Thread(target=self._loop, name=f"guard-{self.run.id[:8]}",
-                         daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def on_start(self, container_id: str) -> None:
-        with self._lock:
-            self.container_id = container_id
-            halt = self.canceled or self.lost
-        if halt:
-            self._halt()
-
-    def _halt(self) -> None:
-        if self.container_id is not None:
-            try:
-                self.sandbox.stop(self.container_id)
-            except SandboxError as exc:
-                log.warning("container_stop_failed", run_id=self.run.id, error=exc.message)
-
-    def _loop(self) -> None:
-        next_beat = time.monotonic() + self.interval
-        while not self._stop.wait(min(LogWriter.FLUSH_SECONDS, self.interval)):
-            if self.writer is not None:
-                self.writer.tick()
-            if time.monotonic() < next_beat:
-                continue
-            next_beat = time.monotonic() + self.interval
-            try:
-                beat = self.lifecycle.heartbeat(self.run.id, self.run.attempt,
-                                                lease_seconds=self.lease_seconds)
-            except ServiceUnavailableError as exc:
-                log.warning("lease_renewal_failed", run_id=self.run.id, error=exc.message)
-                continue
-            with self._lock:
-                newly_lost = not beat.owned and not self.lost
-                newly_canceled = beat.cancel_requested and not self.canceled
-                self.lost = self.lost or not beat.owned
-                self.canceled = self.canceled or beat.cancel_requested
-            if newly_lost or newly_canceled:
-                log.info("attempt_lost" if newly_lost else "attempt_canceling",
-                         run_id=self.run.id, attempt=self.run.attempt)
-                self._halt()
-            if self.lost:
-                return
-
-
 @dataclass
 class Executor:
-    store: Store
-    lifecycle: Lifecycle
+    ledger: RunLedger
     manifests: ManifestSource
-    sandbox: Sandbox
-    queue: RunQueue
+    sandbox: SandboxPort
     worker_id: str
     lease_seconds: float = 15.0
     heartbeat_seconds: float = 1.0
     stop_grace_seconds: float = 5.0
-    faults: Faults = field(default_factory=Faults)
+    fault: FaultHook = no_fault  # tests only: tests/support/faults.py
     tracer: trace.Tracer = field(default_factory=trace.NoOpTracer)
     metrics: WorkerMetrics | None = None
-    instance: str = "default"  # the deployment's name: the channel of run-end notices
     _record_pool: ThreadPoolExecutor | None = None
 
     def execute(self, run_id: str, attempt: int, *,
@@ -221,8 +63,8 @@ class Executor:
         time from there to the container create call is the queue overhead.
         """
         dequeued_at = dequeued_at if dequeued_at is not None else time.monotonic()
-        self.faults.point("before_claim")
-        queued = self.store.get_run(run_id)
+        self.fault("before_claim")
+        queued = self.ledger.get_run(run_id)
         if queued is None:
             return None
         # The attempt continues the trace of the request that submitted the run.
@@ -246,7 +88,7 @@ class Executor:
         manifest = self.manifests.current()  # the one this attempt is checked against
         processor = manifest.find(queued.processor, queued.version)
         with self.tracer.start_as_current_span("claim") as claim_span:
-            claim = self.lifecycle.claim(
+            claim = self.ledger.claim(
                 run_id, attempt=attempt, worker_id=self.worker_id,
                 lease_seconds=self.lease_seconds,
                 max_concurrency=processor.max_concurrency if processor else None,
@@ -258,7 +100,7 @@ class Executor:
             log.info("run_not_claimed", run_id=run_id, attempt=attempt, reason=claim.status)
             return None
         run = claim.run
-        self.faults.point("after_claim")
+        self.fault("after_claim")
         bound = log.bind(run_id=run.id, attempt=run.attempt, worker_id=self.worker_id)
         waited = (run.started_at or utcnow()) - max(
             t for t in (queued.created_at, queued.next_attempt_at, queued.finished_at) if t)
@@ -281,7 +123,7 @@ class Executor:
                      dequeued_at: float, revision: str) -> RunStatus | None:
         bound = log.bind(run_id=run.id, attempt=run.attempt, worker_id=self.worker_id)
         stages = AttemptStages(self.tracer, self.metrics, dequeued_at)
-        guard = AttemptGuard(self.lifecycle, self.sandbox, run, self.lease_seconds,
+        guard = AttemptGuard(self.ledger, self.sandbox, run, self.lease_seconds,
                              self.heartbeat_seconds)
         guard.start()
         # The allowlist lookup above, made after the job was dequeued, is the launch-time
@@ -332,8 +174,8 @@ class Executor:
                         input_json=json.dumps(run.input).encode(),
                         labels={WORKER_LABEL: self.worker_id})
         # A first attempt has no output before it; later ones append after earlier ones.
-        offset = self.store.log_offset(run.id) if run.attempt > 1 else 0
-        writer = LogWriter(self.store, run.id, run.attempt, offset)
+        offset = self.ledger.log_offset(run.id) if run.attempt > 1 else 0
+        writer = LogWriter(self.ledger, run.id, run.attempt, offset)
         guard.writer = writer
 
         receipt: dict[str, Any] = {}
@@ -367,7 +209,7 @@ class Executor:
             return Finish(RunStatus.FAILED, error_code=exc.error_code,
                           error_stage=str(exc.context.get("stage", "sandbox")),
                           error_message=exc.message)
-        self.faults.point("after_container_exit")
+        self.fault("after_container_exit")
         with contextlib.suppress(ServiceUnavailableError):
             writer.flush()
         log.info("container_finished", run_id=run.id, attempt=run.attempt,
@@ -393,7 +235,7 @@ class Executor:
 
     def _record_container(self, run: Run, **found: Any) -> None:
         try:
-            self.store.record_container(run.id, run.attempt, **found)
+            self.ledger.record_container(run.id, run.attempt, **found)
         except ServiceUnavailableError as exc:  # provenance only; the run goes on
             log.warning("record_container_failed", run_id=run.id, error=exc.message)
 
@@ -405,7 +247,7 @@ class Executor:
         deadline = time.monotonic() + RECORD_RETRY_SECONDS
         while True:
             try:
-                recorded = self.lifecycle.finish(run.id, run.attempt, decided)
+                recorded = self.ledger.finish(run.id, run.attempt, decided)
                 break
             except ServiceUnavailableError as exc:
                 if time.monotonic() > deadline:
@@ -420,8 +262,5 @@ class Executor:
             self.metrics.record_finish(run.processor, decided.status,
                                        error_code=decided.error_code,
                                        seconds=wait_ms / 1000 if wait_ms is not None else None)
-        if recorded and decided.status.terminal:
-            # Last, so a client woken by the notice finds the counters already moved.
-            announce(self.queue.redis, self.instance, run.id)
         # A retry is enqueued by the requeue pass once its backoff is over.
         return decided.status if recorded else None

@@ -22,14 +22,13 @@ from datetime import UTC, datetime, timedelta
 import structlog
 from redis.exceptions import RedisError
 
-from runner.control.lifecycle import Lifecycle
 from runner.control.queue import RunQueue
 from runner.control.retry import decide
-from runner.control.store import Store
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
 from runner.errors import RunnerError, SandboxError
+from runner.execution.ports import RunLedger, SandboxPort
 from runner.manifest import ManifestSource, RetryPolicy
-from runner.sandbox import ATTEMPT_LABEL, RUN_LABEL, Sandbox
+from runner.sandbox import ATTEMPT_LABEL, RUN_LABEL
 
 log = structlog.get_logger(__name__)
 
@@ -50,10 +49,9 @@ class Report:
 
 @dataclass
 class Reconciler:
-    store: Store
-    lifecycle: Lifecycle
+    ledger: RunLedger
     queue: RunQueue
-    sandbox: Sandbox | None
+    sandbox: SandboxPort | None
     manifests: ManifestSource
     grace_seconds: float = 10.0
     stop_grace_seconds: float = 5.0
@@ -101,7 +99,7 @@ class Reconciler:
         return RetryPolicy()
 
     def _expire_leases(self, report: Report) -> None:
-        for run in self.lifecycle.expired_leases():
+        for run in self.ledger.expired_leases():
             policy = self._policy(run)
             if self.sandbox is None or policy is None:
                 continue  # without the engine we cannot be sure the container is gone
@@ -120,7 +118,7 @@ class Reconciler:
                     RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="lease",
                     error_message=f"worker {run.worker_id} stopped renewing its lease"),
                     policy=policy, attempt=run.attempt, now=utcnow())
-            if self.lifecycle.finish(run.id, run.attempt, finish, only_if_lease_expired=True):
+            if self.ledger.finish(run.id, run.attempt, finish, only_if_lease_expired=True):
                 report.expired.append(run.id)
                 log.warning("lease_expired", run_id=run.id, attempt=run.attempt,
                             worker_id=run.worker_id, now=finish.status)
@@ -132,7 +130,7 @@ class Reconciler:
         workers run it every half second."""
         cutoff = utcnow() - timedelta(seconds=self.grace_seconds)
         requeued: list[str] = []
-        for run in self.lifecycle.due_queued(older_than=cutoff):
+        for run in self.ledger.due_queued(older_than=cutoff):
             try:
                 if self.queue.holds(run) or not self.queue.enqueue_once(
                         run, stop_grace_seconds=self.stop_grace_seconds):
@@ -145,7 +143,7 @@ class Reconciler:
 
     def _requeue(self, report: Report) -> None:
         report.requeued += self.requeue_due()
-        self.lifecycle.release_stale_slots()
+        self.ledger.release_stale_slots()
 
     def _sweep_containers(self, report: Report) -> None:
         if self.sandbox is None:
@@ -161,7 +159,7 @@ class Reconciler:
             run_id, attempt = labels.get(RUN_LABEL), labels.get(ATTEMPT_LABEL)
             if datetime.fromtimestamp(container.get("Created", 0), UTC) > cutoff:
                 continue
-            run = self.store.get_run(run_id) if run_id else None
+            run = self.ledger.get_run(run_id) if run_id else None
             if (run is not None and run.status is RunStatus.RUNNING
                     and attempt == str(run.attempt)):
                 continue  # the live attempt's own container

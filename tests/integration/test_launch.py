@@ -12,6 +12,7 @@ import pytest
 import structlog
 
 from runner.authoring.publish import publish
+from runner.control.ledger import Ledger
 from runner.control.lifecycle import Lifecycle
 from runner.control.queue import RunQueue
 from runner.control.runs import Submission, submit
@@ -19,7 +20,7 @@ from runner.control.store import Store
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import DockerUnavailableError
 from runner.execution.executor import Executor
-from runner.execution.worker import sandbox_config
+from runner.execution.wiring import sandbox_config
 from runner.manifest import ManifestSource
 from runner.sandbox import RUN_LABEL, ContainerSpec, Sandbox
 from runner.settings import Settings
@@ -42,8 +43,8 @@ def test_repinned_manifest_makes_the_worker_refuse(
     repinned["echo"] = {**published["echo"], "image": published["exit"]["image"]}
     write_manifest(path, repinned)
 
-    executor = Executor(store=store, lifecycle=Lifecycle(store), manifests=manifests,
-                        sandbox=Sandbox.from_env(sandbox_config(settings)), queue=parked,
+    executor = Executor(ledger=Ledger(store, Lifecycle(store)), manifests=manifests,
+                        sandbox=Sandbox.from_env(sandbox_config(settings)),
                         worker_id=f"inproc-{SESSION}")
     assert executor.execute(run.id, 1) is RunStatus.DEAD_LETTER
     final = store.get_run(run.id)

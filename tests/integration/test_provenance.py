@@ -11,6 +11,7 @@ import docker
 import pytest
 
 from runner.client import RunnerClient
+from runner.control.ledger import Ledger
 from runner.control.lifecycle import Lifecycle
 from runner.control.queue import RunQueue
 from runner.control.runs import Submission, submit
@@ -18,7 +19,7 @@ from runner.control.store import Store
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import SandboxMismatchError
 from runner.execution.executor import Executor
-from runner.execution.worker import sandbox_config
+from runner.execution.wiring import sandbox_config
 from runner.manifest import ManifestSource, load_manifest
 from runner.sandbox import RUN_LABEL, ContainerSpec, Sandbox
 from runner.settings import Settings
@@ -93,9 +94,9 @@ def test_a_mismatch_ends_the_run_as_a_dead_letter_with_the_receipt_kept(
                  manifest=manifests.current(), store=store, queue=parked,
                  default_queue=f"parked-{SESSION}", stop_grace_seconds=1)
     since = int(time.time()) - 1
-    executor = Executor(store=store, lifecycle=Lifecycle(store), manifests=manifests,
+    executor = Executor(ledger=Ledger(store, Lifecycle(store)), manifests=manifests,
                         sandbox=DroppingSandbox(docker.from_env(), sandbox_config(settings)),
-                        queue=parked, worker_id=f"inproc-{SESSION}")
+                        worker_id=f"inproc-{SESSION}")
     assert executor.execute(run.id, 1) is RunStatus.DEAD_LETTER
     final = store.get_run(run.id)
     assert final is not None
