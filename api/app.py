@@ -1,37 +1,27 @@
-"""The FastAPI application: error shape, request ids, health, and the `/v1` routes."""
+"""The FastAPI application: request ids, body limits, traces, health, and the `/v1` routes
+(errors are answered by `api.errors`)."""
 
 from __future__ import annotations
 
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import structlog
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from fastapi.routing import APIRoute
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from api.deps import Services
+from api.errors import error_response, install_error_handlers
 from api.metrics import ApiMetrics
 from api.routes import router
 from runner import __version__
 from runner.errors import (
-    AuthenticationError,
-    ConflictError,
-    InvalidRequestError,
-    NotFoundError,
-    PermissionDeniedError,
-    RateLimitedError,
     RunnerError,
-    ServiceUnavailableError,
 )
 from runner.observability.telemetry import context_from
 from runner.observability.telemetry import trace_id as trace_id_of
@@ -39,30 +29,7 @@ from runner.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-_STATUS: list[tuple[type[RunnerError], int]] = [
-    (RateLimitedError, 429),
-    (AuthenticationError, 401),
-    (PermissionDeniedError, 403),
-    (NotFoundError, 404),
-    (ConflictError, 409),
-    (InvalidRequestError, 422),
-    (ServiceUnavailableError, 503),
-]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-def _error(request: Request, status: int, code: str, message: str,
-           field: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"code": code, "message": message,
-                            "request_id": getattr(request.state, "request_id", "")}
-    if field is not None:
-        body["field"] = field
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
-
-
-def _field_of(loc: Sequence[Any]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or "body"
 
 
 def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
@@ -96,11 +63,11 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         except ValueError:
             length = 0
         if length > settings.max_body_bytes:
-            response: Response = _error(request, 413, "body_too_large",
+            response: Response = error_response(request, 413, "body_too_large",
                                         f"request body over {settings.max_body_bytes} bytes")
         elif "chunked" in request.headers.get("transfer-encoding", "").lower():
             # Without a length the cap above could be walked around; bodies are small.
-            response = _error(request, 411, "length_required",
+            response = error_response(request, 411, "length_required",
                               "send the body with a Content-Length header")
         else:
             started = time.perf_counter()
@@ -127,47 +94,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         structlog.contextvars.unbind_contextvars("request_id", "trace_id")
         return response
 
-    @app.exception_handler(RunnerError)
-    async def runner_error(request: Request, exc: RunnerError) -> JSONResponse:
-        status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
-        if status == 500:
-            log.error("request_failed", error=exc.message, code=exc.code)
-            return _error(request, 500, "internal_error", "internal error")
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        if status == 429:
-            headers = {"Retry-After": str(exc.context.get("retry_after", 1))}
-        return _error(request, status, exc.code, exc.message,
-                      field=exc.context.get("field"), headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        field = _field_of(first.get("loc", ()))
-        message = f"{field}: {first.get('msg', 'invalid')}"
-        if first.get("type") == "extra_forbidden":
-            message = f"{field}: unknown field"
-        return _error(request, 422, "invalid_request", message, field=field)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400:  # a body that is not even text: same as bad JSON
-            return _error(request, 422, "invalid_request", f"body: {exc.detail}",
-                          field="body")
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        headers = dict(exc.headers or {})
-        if exc.status_code == 405:
-            # Starlette names only the first matching route's methods; name them all.
-            methods = {m for route in app.routes if isinstance(route, APIRoute)
-                       and route.matches(request.scope)[0] is not Match.NONE
-                       for m in route.methods or ()}
-            headers["Allow"] = ", ".join(sorted(methods))
-        return _error(request, exc.status_code, codes.get(exc.status_code, "http_error"),
-                      str(exc.detail), headers=headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request_crashed")
-        return _error(request, 500, "internal_error", "internal error")
+    install_error_handlers(app)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -1,1 +1,13 @@
-"""control"""
+"""The control layer: the database and Redis side, where the truth about runs lives.
+
+Owns the schema (`models`), every SQL statement (`store`, `reports`, `keys`,
+`lifecycle`), the run state machine and its run-end listeners (`lifecycle`), the
+worker side's one door to all of it (`ledger`), submission and replay (`runs`), the
+RQ queue (`queue`), run-end notices over Redis (`notify`), rate limits
+(`ratelimit`), retry decisions (`retry`) and migrations (`migrate`).
+
+May import: the shared modules (`runner.domain`, `errors`, `settings`, `units`),
+`runner.manifest` and `runner.observability`. Never Docker, the sandbox, the
+execution layer or FastAPI. SQLAlchemy is imported here and nowhere else (besides
+`migrations/`).
+"""

@@ -8,6 +8,7 @@ enqueued again by the reconciler, and a job that arrives twice loses its claim.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 
 from redis import Redis
@@ -115,6 +116,23 @@ class RunQueue:
         except ValueError:
             return False
         return (datetime.now(UTC) - started).total_seconds() < STARTED_HOLD_SECONDS
+
+    def try_lock(self, name: str, token: str, *, seconds: float) -> bool:
+        """Take the short named lock `name` for `token`; False if another holds it.
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached.
+        """
+        try:
+            return bool(self.redis.set(name, token, nx=True, px=int(seconds * 1000)))
+        except RedisError as exc:
+            raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
+
+    def unlock(self, name: str, token: str) -> None:
+        """Release `name` if `token` still holds it (best effort: it expires anyway)."""
+        with contextlib.suppress(RedisError):
+            if self.redis.get(name) == token.encode():
+                self.redis.delete(name)
 
     def ping(self) -> None:
         """Raises: ServiceUnavailableError when Redis cannot be reached."""

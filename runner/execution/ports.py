@@ -1,7 +1,8 @@
 """What the execution layer needs from the layers below it, as Protocols.
 
-`RunLedger` is the control side (implemented by `runner.control.ledger.Ledger`);
-`SandboxPort` the container side (implemented by `runner.sandbox.Sandbox`). The
+`RunLedger` is the control side (implemented by `runner.control.ledger.Ledger`),
+`QueuePort` the reconciler's Redis (`runner.control.queue.RunQueue`), `SandboxPort`
+the container side (implemented by `runner.sandbox.Sandbox`). The
 executor, guard and reconciler are written against these, so unit tests can run
 them on SQLite with a fake sandbox (tests/support/fakes.py) and no Docker.
 """
@@ -46,6 +47,19 @@ class RunLedger(Protocol):
     def ping(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+class QueuePort(Protocol):
+    """The reconciler's view of Redis (implemented by `runner.control.queue.RunQueue`)."""
+
+    def holds(self, run: Run) -> bool: ...
+
+    def enqueue_once(self, run: Run, *, stop_grace_seconds: float = 5.0,
+                     window_seconds: float = 10.0) -> bool: ...
+
+    def try_lock(self, name: str, token: str, *, seconds: float) -> bool: ...
+
+    def unlock(self, name: str, token: str) -> None: ...
 
 
 class SandboxPort(Protocol):

@@ -15,18 +15,15 @@ one worker at a time through a Redis lock):
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from redis.exceptions import RedisError
 
-from runner.control.queue import RunQueue
 from runner.control.retry import decide
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
-from runner.errors import RunnerError, SandboxError
-from runner.execution.ports import RunLedger, SandboxPort
+from runner.errors import RunnerError, SandboxError, ServiceUnavailableError
+from runner.execution.ports import QueuePort, RunLedger, SandboxPort
 from runner.manifest import ManifestSource, RetryPolicy
 from runner.sandbox import ATTEMPT_LABEL, RUN_LABEL
 
@@ -50,7 +47,7 @@ class Report:
 @dataclass
 class Reconciler:
     ledger: RunLedger
-    queue: RunQueue
+    queue: QueuePort
     sandbox: SandboxPort | None
     manifests: ManifestSource
     grace_seconds: float = 10.0
@@ -62,11 +59,10 @@ class Reconciler:
         """One pass; skipped when another process holds the reconciler lock."""
         token = f"{utcnow().timestamp()}"
         try:
-            if not self.queue.redis.set(LOCK_KEY, token, nx=True,
-                                        px=int(self.lock_seconds * 1000)):
+            if not self.queue.try_lock(LOCK_KEY, token, seconds=self.lock_seconds):
                 return Report(skipped=True)
-        except RedisError as exc:
-            log.warning("reconcile_lock_unavailable", error=str(exc))
+        except ServiceUnavailableError as exc:
+            log.warning("reconcile_lock_unavailable", error=exc.message)
             token = ""  # Redis is down: still recover leases and containers
         report = Report()
         try:
@@ -75,9 +71,7 @@ class Reconciler:
             self._sweep_containers(report)
         finally:
             if token:
-                with contextlib.suppress(RedisError):
-                    if self.queue.redis.get(LOCK_KEY) == token.encode():
-                        self.queue.redis.delete(LOCK_KEY)
+                self.queue.unlock(LOCK_KEY, token)
         if report:
             log.info("reconciled", expired=report.expired, requeued=report.requeued,
                      removed_containers=report.removed_containers)
