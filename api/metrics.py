@@ -9,9 +9,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
-from runner.control.models import RunRow
 from runner.control.store import Store
 from runner.observability.metrics import ManifestCollector, QueueDepthCollector
 
@@ -30,10 +28,8 @@ class _RunsCollector(Collector):
                                  labels=["status"])
         up = GaugeMetricFamily("runner_database_up", "1 when the database answered this scrape")
         try:
-            with self.store.session() as session:
-                for status, count in session.execute(
-                        select(RunRow.status, func.count()).group_by(RunRow.status)):
-                    runs.add_metric([status], count)
+            for status, count in self.store.count_runs_by_status().items():
+                runs.add_metric([status], count)
             up.add_metric([], 1)
         except Exception:  # noqa: BLE001 - a scrape must not fail with the database
             up.add_metric([], 0)

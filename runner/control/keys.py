@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import select, update
 
 from runner.control.models import ApiKeyRow
-from runner.control.store import Store, aware, rows_changed
+from runner.control.rows import aware
+from runner.control.store import Store, rows_changed
 from runner.domain import Role, utcnow
 
 KEY_PREFIX = "rk_"

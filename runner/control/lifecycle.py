@@ -20,7 +20,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from runner.control.models import AttemptRow, RunRow, SlotRow
-from runner.control.store import Store, captured_bytes, rows_changed, run_from_row
+from runner.control.rows import run_from_row
+from runner.control.store import Store, captured_bytes, rows_changed
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
 from runner.errors import ConflictError, NotFoundError
 

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -36,43 +36,18 @@ from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from runner.control.models import AttemptRow, LogChunkRow, RunRow, TenantRow
+from runner.control.reports import StoreReports
+from runner.control.rows import aware, run_from_row
 from runner.domain import NewRun, Run, RunStatus, utcnow
 from runner.errors import InvalidRequestError, QuotaExceededError, ServiceUnavailableError
 
 SQLAlchemyError = _SQLAlchemyError
 
 
-def aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything we store is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def new_run_id() -> str:
     """A UUID-shaped id whose first 48 bits are the creation time in ms (sortable)."""
     raw = f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
     return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
-
-
-def run_from_row(row: RunRow) -> Run:
-    """A frozen snapshot of a run's row (no session leaks out)."""
-    return Run(
-        id=row.id, tenant=row.tenant, status=RunStatus(row.status),
-        processor=row.processor, version=row.version, image=row.image, queue=row.queue,
-        input=row.input, result=row.result, labels=dict(row.labels or {}),
-        timeout_seconds=row.timeout_seconds, exit_code=row.exit_code,
-        error_code=row.error_code, error_message=row.error_message, attempt=row.attempt,
-        max_attempts=row.max_attempts, worker_id=row.worker_id,
-        manifest_revision=row.manifest_revision, log_bytes=row.log_bytes,
-        log_truncated=row.log_truncated, created_at=aware(row.created_at) or utcnow(),
-        started_at=aware(row.started_at), finished_at=aware(row.finished_at),
-        next_attempt_at=aware(row.next_attempt_at),
-        lease_expires_at=aware(row.lease_expires_at),
-        cancel_requested_at=aware(row.cancel_requested_at), error_stage=row.error_stage,
-        replay_of=row.replay_of, idempotency_key=row.idempotency_key,
-        request_hash=row.request_hash, traceparent=row.traceparent,
-    )
 
 
 def encode_cursor(run_id: str) -> str:
@@ -102,7 +77,7 @@ def rows_changed(session: Session, statement: Executable) -> int:
     return result.rowcount
 
 
-class Store:
+class Store(StoreReports):
     """All database access. One per process; thread-safe."""
 
     def __init__(self, url: str) -> None:

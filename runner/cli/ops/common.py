@@ -29,7 +29,6 @@ PrefixOpt = Annotated[str | None, typer.Option(
     help="Image references to consider (default: $RUNNER_REGISTRY/processors/).")]
 
 ACTIVE = (RunStatus.QUEUED.value, RunStatus.RUNNING.value)
-TERMINAL = [s.value for s in RunStatus if s.terminal]
 
 
 # Errors of the runner: one `error:` line and exit status 2 (1 means "found a problem").

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from sqlalchemy import distinct, func, select
 
 from runner.cli.ops.common import (
     DockerOpt,
@@ -25,29 +24,21 @@ from runner.cli.ops.common import (
     settings,
 )
 from runner.control.lifecycle import Lifecycle
-from runner.control.models import RunRow
-from runner.control.store import Store, aware
-from runner.domain import RunStatus, utcnow
+from runner.control.rows import aware
+from runner.control.store import Store
+from runner.domain import Run, RunStatus, utcnow
 from runner.errors import ManifestError, RunnerError
 from runner.settings import Settings
 
 # Facts ------------------------------------------------------------------------
 
 def _database_facts(store: Store, now: datetime, *, grace: float) -> dict[str, Any]:
-    with store.session() as session:
-        counts = dict(session.execute(select(RunRow.status, func.count())
-                                      .group_by(RunRow.status)).all())
-        queued = list(session.scalars(select(RunRow).where(
-            RunRow.status == RunStatus.QUEUED.value)))
-        running = list(session.scalars(select(RunRow).where(
-            RunRow.status == RunStatus.RUNNING.value).order_by(RunRow.started_at)))
-        queues = set(session.scalars(select(distinct(RunRow.queue))))
-        hour_ago = now - timedelta(hours=1)
-        dead = session.execute(select(RunRow.processor, RunRow.error_code, func.count())
-                               .where(RunRow.status == RunStatus.DEAD_LETTER.value,
-                                      RunRow.finished_at >= hour_ago)
-                               .group_by(RunRow.processor, RunRow.error_code)).all()
-    waiting = [(aware(r.next_attempt_at) or aware(r.created_at) or now) for r in queued]
+    counts = store.count_runs_by_status()
+    queued = store.queued_runs()
+    running = store.running_runs()
+    queues = store.run_queues()
+    dead = store.dead_letter_counts(since=now - timedelta(hours=1))
+    waiting = [r.next_attempt_at or r.created_at for r in queued]
     return {
         "runs_by_status": {s.value: int(counts.get(s.value, 0)) for s in RunStatus},
         "queued": {
@@ -63,18 +54,18 @@ def _database_facts(store: Store, now: datetime, *, grace: float) -> dict[str, A
     }
 
 
-def _running_row(row: RunRow, now: datetime, *, grace: float) -> dict[str, Any]:
-    started, lease = aware(row.started_at), aware(row.lease_expires_at)
+def _running_row(run: Run, now: datetime, *, grace: float) -> dict[str, Any]:
+    lease = run.lease_expires_at
     lease_left = None if lease is None else round((lease - now).total_seconds(), 1)
-    age_s = age(started, now) or 0.0
+    age_s = age(run.started_at, now) or 0.0
     reasons = []
     if lease_left is None or lease_left < 0:
         reasons.append("lease expired")
-    if age_s > row.timeout_seconds + grace:
-        reasons.append(f"running {age_s:.0f}s, past its {row.timeout_seconds:g}s timeout")
-    return {"id": row.id, "processor": row.processor, "tenant": row.tenant,
-            "attempt": row.attempt, "worker_id": row.worker_id, "age_s": age_s,
-            "lease_left_s": lease_left, "cancel_requested": row.cancel_requested_at is not None,
+    if age_s > run.timeout_seconds + grace:
+        reasons.append(f"running {age_s:.0f}s, past its {run.timeout_seconds:g}s timeout")
+    return {"id": run.id, "processor": run.processor, "tenant": run.tenant,
+            "attempt": run.attempt, "worker_id": run.worker_id, "age_s": age_s,
+            "lease_left_s": lease_left, "cancel_requested": run.cancel_requested_at is not None,
             "stuck": reasons}
 
 

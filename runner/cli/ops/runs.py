@@ -8,7 +8,6 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
-from sqlalchemy import func, select
 
 from runner.cli.ops.common import (
     ACTIVE,
@@ -24,8 +23,9 @@ from runner.cli.ops.common import (
     settings,
 )
 from runner.control.lifecycle import Lifecycle
-from runner.control.models import RunRow
-from runner.control.store import Store, aware
+from runner.control.notify import RunEndNotice
+from runner.control.queue import RunQueue
+from runner.control.store import Store
 from runner.domain import ErrorCode, RunStatus, utcnow
 from runner.errors import RunnerError
 
@@ -35,21 +35,11 @@ def _dead_letters(store: Store, *, since: float, processor: str | None,
                   error_code: str | None) -> list[dict[str, Any]]:
     """Dead letters ended in the last `since` seconds, each with its replays' states."""
     now = utcnow()
-    query = select(RunRow).where(RunRow.status == RunStatus.DEAD_LETTER.value,
-                                 RunRow.finished_at >= now - timedelta(seconds=since))
-    if processor:
-        query = query.where(RunRow.processor == processor)
-    if error_code:
-        query = query.where(RunRow.error_code == error_code)
-    with store.session() as session:
-        rows = list(session.scalars(query.order_by(RunRow.id)))
-        replays = session.execute(select(RunRow.replay_of, RunRow.id, RunRow.status).where(
-            RunRow.replay_of.in_([r.id for r in rows]))).all() if rows else []
+    rows = store.dead_letters(since=now - timedelta(seconds=since), processor=processor,
+                              error_code=error_code)
     by_original: dict[str, list[dict[str, str]]] = {}
-    for original, replay_id, replay_status in replays:
-        if original is not None:
-            by_original.setdefault(original, []).append({"id": replay_id,
-                                                         "status": replay_status})
+    for original, replay_id, replay_status in store.replays_of([r.id for r in rows]):
+        by_original.setdefault(original, []).append({"id": replay_id, "status": replay_status})
     found = []
     for r in rows:
         states = {x["status"] for x in by_original.get(r.id, [])}
@@ -57,7 +47,7 @@ def _dead_letters(store: Store, *, since: float, processor: str | None,
             "id": r.id, "tenant": r.tenant, "processor": r.processor, "version": r.version,
             "error_code": r.error_code, "error_stage": r.error_stage,
             "error_message": r.error_message, "attempts": r.attempt, "image": r.image,
-            "finished_age_s": age(aware(r.finished_at), now),
+            "finished_age_s": age(r.finished_at, now),
             "replays": by_original.get(r.id, []),
             "resolved": RunStatus.SUCCEEDED.value in states,
             "replay_pending": bool(states & set(ACTIVE)),
@@ -103,7 +93,6 @@ def replay_dead_letters(since: SinceOpt = "1h", processor: ProcessorOpt = None,
                         yes: Annotated[bool, typer.Option(
                             "--yes", help="Replay; without it, only list.")] = False) -> None:
     """Replay dead letters not already replayed (each as a new run, on today's pin)."""
-    from runner.control.queue import RunQueue
     from runner.control.runs import replay
     from runner.manifest import load_manifest
 
@@ -150,17 +139,13 @@ def cancel_queued(processor: ProcessorOpt = None,
     cfg = settings()
     store = Store(cfg.database_url)
     try:
-        query = select(RunRow.id).where(RunRow.status == RunStatus.QUEUED.value)
-        if processor:
-            query = query.where(RunRow.processor == processor)
-        if tenant:
-            query = query.where(RunRow.tenant == tenant)
-        with store.session() as session:
-            ids = list(session.scalars(query))
+        ids = store.queued_run_ids(processor=processor, tenant=tenant)
         if not yes:
             typer.echo(f"{len(ids)} queued run(s) match; add --yes to cancel them")
             return
-        lifecycle = Lifecycle(store)
+        # Each cancel is told to the run-end listeners, so held long polls answer now.
+        redis = RunQueue.from_url(cfg.redis_url).redis
+        lifecycle = Lifecycle(store, listeners=[RunEndNotice(redis, cfg.instance)])
         done = sum(lifecycle.end_queued(run_id, RunStatus.CANCELED, error_code=ErrorCode.CANCELED,
                                         message="canceled by an operator (runner ops "
                                                 "cancel-queued)", stage="queue")
@@ -179,14 +164,10 @@ def wait_idle(processor: ProcessorOpt = None,
     cfg = settings()
     store = Store(cfg.database_url)
     deadline = time.monotonic() + duration(timeout, "--timeout")
-    query = select(RunRow.status, func.count()).where(RunRow.status.in_(ACTIVE))
-    if processor:
-        query = query.where(RunRow.processor == processor)
     last = 0.0
     try:
         while True:
-            with store.session() as session:
-                active = dict(session.execute(query.group_by(RunRow.status)).all())
+            active = store.count_runs_by_status(statuses=ACTIVE, processor=processor)
             if not active:
                 typer.echo("idle: no queued or running runs")
                 return

@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from sqlalchemy import delete, func, select
 
 from runner.cli.ops.common import (
-    TERMINAL,
     JsonOpt,
     PrefixOpt,
     ProcessorOpt,
@@ -24,7 +22,6 @@ from runner.cli.ops.common import (
     ops_command,
     settings,
 )
-from runner.control.models import LogChunkRow, RunRow
 from runner.control.store import Store
 from runner.domain import utcnow
 from runner.errors import ManifestError, RunnerError
@@ -114,35 +111,23 @@ def disk(prefix: PrefixOpt = None, as_json: JsonOpt = False) -> None:
     """Where the space goes: stored run logs, truncated runs, unpinned processor images."""
     cfg = settings()
     store = Store(cfg.database_url)
-    size = func.length(LogChunkRow.data)
     day_ago = utcnow() - timedelta(days=1)
     try:
-        with store.session() as session:
-            total = session.scalar(select(func.coalesce(func.sum(size), 0)))
-            by_processor = session.execute(
-                select(RunRow.processor, func.sum(size)).join(RunRow, RunRow.id ==
-                                                              LogChunkRow.run_id)
-                .group_by(RunRow.processor).order_by(func.sum(size).desc()).limit(10)).all()
-            top = session.execute(
-                select(LogChunkRow.run_id, func.sum(size)).group_by(LogChunkRow.run_id)
-                .order_by(func.sum(size).desc()).limit(5)).all()
-            truncated = session.execute(
-                select(RunRow.processor, func.count()).where(
-                    RunRow.log_truncated.is_(True), RunRow.created_at >= day_ago)
-                .group_by(RunRow.processor)).all()
-            db_size = None
-            if store.engine.dialect.name == "postgresql":
-                db_size = session.scalar(select(func.pg_database_size(func.current_database())))
+        total = store.stored_log_bytes()
+        by_processor = store.log_bytes_by_processor(limit=10)
+        top = store.top_runs_by_log_bytes(limit=5)
+        truncated = store.truncated_runs_by_processor(since=day_ago)
+        db_size = store.database_bytes()
     finally:
         store.close()
     if db_size is None and cfg.database_url.startswith("sqlite:///"):
         path = Path(cfg.database_url.removeprefix("sqlite:///"))
         db_size = path.stat().st_size if path.exists() else 0
     data: dict[str, Any] = {
-        "database_bytes": db_size, "log_bytes": int(total or 0),
-        "log_bytes_by_processor": {p: int(n) for p, n in by_processor},
-        "top_runs_by_log_bytes": {r: int(n) for r, n in top},
-        "truncated_runs_last_day": {p: int(n) for p, n in truncated},
+        "database_bytes": db_size, "log_bytes": total,
+        "log_bytes_by_processor": by_processor,
+        "top_runs_by_log_bytes": top,
+        "truncated_runs_last_day": truncated,
     }
     client = docker_client()
     pinned = _pinned_ids(client, cfg)
@@ -171,18 +156,11 @@ def prune_logs(older_than: Annotated[str, typer.Option(
     cfg = settings()
     store = Store(cfg.database_url)
     cutoff = utcnow() - timedelta(seconds=duration(older_than, "--older-than"))
-    ended = select(RunRow.id).where(RunRow.status.in_(TERMINAL), RunRow.finished_at < cutoff)
-    if processor:
-        ended = ended.where(RunRow.processor == processor)
-    chosen = LogChunkRow.run_id.in_(ended)
     try:
-        with store.session() as session:
-            chunks, size = session.execute(select(
-                func.count(), func.coalesce(func.sum(func.length(LogChunkRow.data)), 0))
-                .where(chosen)).one()
-            if yes:
-                session.execute(delete(LogChunkRow).where(chosen)
-                                .execution_options(synchronize_session=False))
+        if yes:
+            chunks, size = store.delete_logs_ended_before(cutoff=cutoff, processor=processor)
+        else:
+            chunks, size = store.logs_ended_before(cutoff=cutoff, processor=processor)
     finally:
         store.close()
     verb = "deleted" if yes else "would delete (add --yes)"
