@@ -43,6 +43,14 @@ def _transitioned(run_id: str, attempt: int | None, source: RunStatus, target: R
              to=target.value, **{k: v for k, v in fields.items() if v is not None})
 
 
+def _canceled_instead(outcome: Finish) -> Finish:
+    """The end of an attempt whose retry lost to a cancel requested while it ran."""
+    return Finish(RunStatus.CANCELED, exit_code=outcome.exit_code,
+                  error_code=ErrorCode.CANCELED, error_stage=outcome.error_stage,
+                  error_message=f"canceled ({outcome.error_message})",
+                  log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
+
+
 def sources(target: RunStatus) -> list[str]:
     """The states a run may be in to move to `target`."""
     return [s.value for s, targets in ALLOWED.items() if target in targets]
@@ -218,13 +226,13 @@ class Lifecycle:
                 canceled = session.scalar(select(RunRow.cancel_requested_at)
                                           .where(RunRow.id == run_id)) is not None
             if canceled:  # a cancel that arrived mid-attempt wins over a retry
-                outcome = Finish(RunStatus.CANCELED, exit_code=outcome.exit_code,
-                                 error_code=ErrorCode.CANCELED, error_stage=outcome.error_stage,
-                                 error_message=f"canceled ({outcome.error_message})",
-                                 log_bytes=outcome.log_bytes,
-                                 log_truncated=outcome.log_truncated)
+                outcome = _canceled_instead(outcome)
         conditions = [RunRow.id == run_id, RunRow.attempt == attempt,
                       RunRow.status.in_(sources(outcome.status)), RunRow.status == R.value]
+        if outcome.status is Q:
+            # A cancel accepted after the read above must still win: the retry is only
+            # written while no cancel is pending, and otherwise the run ends canceled.
+            conditions.append(RunRow.cancel_requested_at.is_(None))
         if only_if_lease_expired:
             conditions.append(or_(RunRow.lease_expires_at.is_(None),
                                   RunRow.lease_expires_at < now))
@@ -238,10 +246,25 @@ class Lifecycle:
             "finished_at": now if terminal else None,
             "log_bytes": captured_bytes(run_id).scalar_subquery(),
         }
+        if not self._write_end(run_id, attempt, outcome, conditions, values, now):
+            if outcome.status is Q and self._cancel_pending(run_id, attempt):
+                return self.finish(run_id, attempt, _canceled_instead(outcome),
+                                   only_if_lease_expired=only_if_lease_expired)
+            with self.store.session() as session:
+                self._refused(session, run_id, outcome.status, attempt=attempt)
+            return False
+        _transitioned(run_id, attempt, R, outcome.status, error_code=outcome.error_code,
+                      next_attempt_at=outcome.next_attempt_at)
+        if terminal:
+            self._ended(RunEnded(run_id, outcome.status, attempt, outcome.error_code))
+        return True
+
+    def _write_end(self, run_id: str, attempt: int, outcome: Finish,
+                   conditions: list[Any], values: dict[str, Any], now: datetime) -> bool:
+        """The conditional write of an attempt's end, with its attempt row and slot."""
         with self.store.session() as session:
             if rows_changed(session, update(RunRow).where(*conditions).values(**values)
-                        .execution_options(synchronize_session=False)) != 1:
-                self._refused(session, run_id, outcome.status, attempt=attempt)
+                            .execution_options(synchronize_session=False)) != 1:
                 return False
             session.execute(update(AttemptRow).where(
                 AttemptRow.run_id == run_id, AttemptRow.number == attempt,
@@ -252,11 +275,14 @@ class Lifecycle:
                      log_bytes=outcome.log_bytes, finished_at=now))
             session.execute(delete(SlotRow).where(SlotRow.run_id == run_id,
                                                   SlotRow.attempt == attempt))
-        _transitioned(run_id, attempt, R, outcome.status, error_code=outcome.error_code,
-                      next_attempt_at=outcome.next_attempt_at)
-        if terminal:
-            self._ended(RunEnded(run_id, outcome.status, attempt, outcome.error_code))
         return True
+
+    def _cancel_pending(self, run_id: str, attempt: int) -> bool:
+        """Attempt `attempt` is still running and a cancel was requested for it."""
+        with self.store.session() as session:
+            return session.scalar(select(RunRow.cancel_requested_at).where(
+                RunRow.id == run_id, RunRow.attempt == attempt,
+                RunRow.status == R.value)) is not None
 
     def end_queued(self, run_id: str, target: RunStatus, *, error_code: ErrorCode,
                    message: str, stage: str) -> bool:
