@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import random
 import secrets
-import socket
 import statistics
-import threading
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -22,16 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
-import uvicorn
 
-from api.app import create_app
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from runner.control.keys import Keys
-from runner.control.migrate import upgrade
 from runner.control.models import RunRow
 from runner.control.store import Store
 from runner.domain import Role, RunStatus
 from runner.settings import load_settings
+from tests.support.services import ApiServer, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = "postgresql://runner:runner@127.0.0.1:5439/runner"
@@ -66,28 +64,17 @@ QUERIES = ("first page (limit 50)", "status=failed", "processor=echo", "label ba
 def measure(runs: int, requests: int, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fill a fresh database with `runs` runs; p50/p99 ms of each list query over HTTP."""
     name = f"runner_list_{secrets.token_hex(3)}"
-    with psycopg.connect(PG, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    url = create_database(PG, name)
     try:
-        url = f"postgresql+psycopg://runner:runner@127.0.0.1:5439/{name}"
-        upgrade(url)
         settings = load_settings(database_url=url, manifest=ROOT / "manifests/example.yaml",
                                  key_requests_per_second=0, log_level="warning")
-        store = Store(url)
+        store = Store(settings.database_url)
         started = time.monotonic()
         fill(store, runs)
         log(f"inserted {runs} runs in {time.monotonic() - started:.1f}s")
         _, key = Keys(store).create(tenant="t3", role=Role.VIEWER)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
-                                               port=port, log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
-        while not server.started:
-            time.sleep(0.05)
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}",
-                            headers={"Authorization": f"Bearer {key}"})
+        server = ApiServer(settings)
+        http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"})
         deep = http.get("/v1/runs", params={"limit": 200}).json()
         for _ in range(20):  # walk 4,200 runs in
             if not deep.get("next_cursor"):
@@ -116,12 +103,11 @@ def measure(runs: int, requests: int, log: Callable[[str], None] = print) -> dic
             results[label] = {"p50_ms": round(statistics.median(times), 1),
                               "p99_ms": round(times[max(0, int(len(times) * 0.99) - 1)], 1)}
         http.close()
-        server.should_exit = True
+        server.stop()
         store.close()
         return {"runs": runs, "requests": requests, "queries": results}
     finally:
-        with psycopg.connect(PG, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(PG, name)
 
 
 def render(measured: dict[str, Any]) -> list[str]:

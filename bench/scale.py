@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import list_latency
 from bench import stack as bench_stack
 from runner.control.models import RunRow
+from tests.support.processes import RunnerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = ["succeeded", "failed", "timed_out", "canceled", "dead_letter"]
@@ -63,7 +64,7 @@ def finished(stack: bench_stack.Stack, processor: str) -> tuple[int, int]:
     return sum(counts.get(s, 0) for s in TERMINAL), counts.get("succeeded", 0)
 
 
-def worker_rss(stack: bench_stack.Stack, worker: bench_stack.Service, http: httpx.Client,
+def worker_rss(stack: bench_stack.Stack, worker: RunnerProcess, http: httpx.Client,
                runs: int, log: Callable[[str], None]) -> dict[str, Any]:
     warm = 5
     for _ in range(warm):
@@ -96,11 +97,11 @@ def worker_rss(stack: bench_stack.Stack, worker: bench_stack.Service, http: http
             "runs_per_s": round(runs / elapsed, 2),
             "rss_kib": points, "growth_kib_100_to_last": growth,
             "slope_kib_per_100_runs": round(slope(after_warmup), 1),
-            "vmhwm_kib": bench_stack.proc_status(worker.pid, "VmHWM"),
+            "vmhwm_kib": worker.memory_kib("VmHWM"),
             "flat": growth < FLAT_KIB}
 
 
-def log_flood(stack: bench_stack.Stack, worker: bench_stack.Service, http: httpx.Client,
+def log_flood(stack: bench_stack.Stack, worker: RunnerProcess, http: httpx.Client,
               megabytes: int, log: Callable[[str], None]) -> dict[str, Any]:
     baseline = worker.rss_kib()
     peak = [baseline]

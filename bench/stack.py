@@ -4,7 +4,8 @@ Everything is named after one tag, so a benchmark never touches another user's s
 the shared servers: a PostgreSQL database `runner_bench_<tag>` on the shared server
 (created and dropped here), a throwaway `redis-server` on a free loopback port, a
 manifest in a temporary directory pinning the sample images by digest, and `runner api`
-/ `runner worker` processes started and stopped here.
+/ `runner worker` processes started and stopped here. The servers and processes are
+the test suites' own (tests/support), so benchmarks and tests start them alike.
 """
 
 from __future__ import annotations
@@ -14,29 +15,27 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
-import httpx
-import psycopg
-import redis
 import yaml
+
+# The repository root, for tests.support (as bench/suite.py and bench/scale.py do).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runner.authoring.publish import publish
 from runner.control.keys import Keys
-from runner.control.migrate import upgrade
 from runner.control.store import Store
 from runner.domain import Role
 from runner.sandbox import INSTANCE_LABEL, MANAGED_LABEL
 from runner.settings import load_settings
+from tests.support.net import free_port
+from tests.support.processes import RunnerProcess, start_api_process, start_worker_process
+from tests.support.services import RedisServer, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("RUNNER_BENCH_PG_URL", "postgresql://runner:runner@127.0.0.1:5439/runner")
@@ -45,13 +44,6 @@ SAMPLES = ROOT / "processor-templates" / "samples"
 # Our own label on the containers the baselines make, so the end check and the
 # clean-up only ever look at (and remove) containers of this benchmark.
 BENCH_LABEL = "io.container-runner.bench"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def publish_samples(names: list[str], client: docker.DockerClient) -> dict[str, dict[str, Any]]:
@@ -63,100 +55,6 @@ def publish_samples(names: list[str], client: docker.DockerClient) -> dict[str, 
     return entries
 
 
-class RedisServer:
-    """A throwaway redis-server on a free loopback port, no persistence."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        client.close()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-
-def proc_status(pid: int, field: str = "VmRSS") -> int:
-    """A `/proc/<pid>/status` figure in KiB (VmRSS, VmHWM, ...)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/{pid}/status")
-
-
-class Service:
-    """A `runner api` or `runner worker` process, its log file and its pid."""
-
-    def __init__(self, name: str, args: list[str], env: Mapping[str, str], log_path: Path,
-                 *, ready: str | None = None, url: str | None = None,
-                 prefix: list[str] | None = None, timeout: float = 90) -> None:
-        self.name, self.log_path, self.url = name, log_path, url
-        self._out = log_path.open("wb")
-        command = [*(prefix or [sys.executable]), "-m", "runner", *args]
-        self.process = subprocess.Popen(command, cwd=ROOT, env=dict(env), stdout=self._out,
-                                        stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not self._ready(ready):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                self.stop()
-                raise RuntimeError(f"{name} did not start:\n{tail}")
-            time.sleep(0.1)
-
-    def _ready(self, marker: str | None) -> bool:
-        if marker is not None:
-            return marker.encode() in self.log_path.read_bytes()
-        if self.url is None:
-            return True
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def rss_kib(self) -> int:
-        return proc_status(self.pid, "VmRSS")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 60) -> None:
-        """SIGTERM (a worker drains its current run), SIGKILL if it does not exit."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._out.close()
-
-
 class Stack:
     """Database, Redis, manifest and key of one benchmark; processes started on demand."""
 
@@ -165,13 +63,10 @@ class Stack:
         self.tag = tag or secrets.token_hex(3)
         self.keep = keep
         self.dir = Path(tempfile.mkdtemp(prefix=f"runner-bench-{self.tag}-"))
-        self.services: list[Service] = []
+        self.services: list[RunnerProcess] = []
         self.database = f"runner_bench_{self.tag}"
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{self.database}"')
-        self.database_url = PG_ADMIN.rsplit("/", 1)[0] + f"/{self.database}"
+        self.database_url = create_database(PG_ADMIN, self.database)
         try:
-            upgrade(self.database_url.replace("postgresql://", "postgresql+psycopg://"))
             self.redis = RedisServer(self.dir)
             self.manifest = self.dir / "manifest.yaml"
             self.manifest.write_text(yaml.safe_dump({"version": 1, "processors": entries},
@@ -199,29 +94,26 @@ class Stack:
         values.update({f"RUNNER_{k.upper()}": str(v) for k, v in extra.items()})
         return {**base, **values}
 
-    def start_api(self, name: str = "api", **settings: object) -> Service:
-        port = free_port()
-        service = Service(name, ["api", "--port", str(port)], self.env(**settings),
-                          self.dir / f"{name}.log", url=f"http://127.0.0.1:{port}")
+    def start_api(self, name: str = "api", **settings: object) -> RunnerProcess:
+        service = start_api_process(self.env(**settings), self.dir / f"{name}.log", name=name)
         self.services.append(service)
         return service
 
     def start_worker(self, name: str, *, queue: str | None = None,
-                     prefix: list[str] | None = None, **settings: object) -> Service:
+                     prefix: list[str] | None = None, **settings: object) -> RunnerProcess:
         """A `runner worker` on `queue` (the stack's by default); its metrics port is
         in `service.url` (RUNNER_WORKER_PORT)."""
         port = free_port()
-        args = ["worker"] + (["--queue", queue] if queue else [])
-        service = Service(name, args,
-                          self.env(worker_id=f"bench-{self.tag}-{name}", worker_port=port,
-                                   **settings),
-                          self.dir / f"{name}.log", ready="worker_started", prefix=prefix,
-                          url=f"http://127.0.0.1:{port}")
+        service = start_worker_process(
+            self.env(worker_id=f"bench-{self.tag}-{name}", worker_port=port, **settings),
+            self.dir / f"{name}.log", name=name, args=["--queue", queue] if queue else [],
+            url=f"http://127.0.0.1:{port}", prefix=prefix)
         self.services.append(service)
         return service
 
-    def stop(self, service: Service) -> None:
-        service.stop()
+    def stop(self, service: RunnerProcess) -> None:
+        """SIGTERM (a worker drains its current run), SIGKILL if it does not exit."""
+        service.stop(timeout=60)
         if service in self.services:
             self.services.remove(service)
 
@@ -231,13 +123,12 @@ class Stack:
         return list(client.containers.list(all=True, sparse=True, filters={"label": labels}))
 
     def _drop_database(self) -> None:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+        drop_database(PG_ADMIN, self.database)
 
     def close(self) -> None:
         for service in reversed(self.services):
             with contextlib.suppress(Exception):
-                service.stop()
+                service.stop(timeout=60)
         self.services.clear()
         with contextlib.suppress(Exception):
             self.store.close()

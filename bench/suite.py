@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import stack as bench_stack
 from bench.apiload import api_load
-from bench.stack import BENCH_LABEL, Service, parse_metrics, quantile
+from bench.stack import BENCH_LABEL, parse_metrics, quantile
 from runner.manifest import Processor, load_manifest
 from runner.sandbox import (
     ATTEMPT_LABEL,
@@ -57,6 +57,7 @@ from runner.sandbox import (
     SandboxConfig,
 )
 from runner.sandbox.transfer import input_archive
+from tests.support.processes import RunnerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -448,7 +449,7 @@ def stage_timings(events: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
                    "p99_ms": round(quantile(v, 0.99), 1)} for name, v in stages.items()}
 
 
-def cpu_seconds(services: list[Service]) -> float:
+def cpu_seconds(services: list[RunnerProcess]) -> float:
     """User + system CPU time of processes so far (their children not included)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
@@ -461,7 +462,7 @@ def cpu_seconds(services: list[Service]) -> float:
 
 # Profiles -------------------------------------------------------------------
 
-def profile_worker(worker: Service, e2e: EndToEnd, runs: int, out: Path,
+def profile_worker(worker: RunnerProcess, e2e: EndToEnd, runs: int, out: Path,
                    log: Callable[[str], None]) -> dict[str, Any]:
     """The 1-worker c=1 test once more with py-spy attached to the worker: wall time
     per job on its critical path, by where it goes."""
@@ -483,7 +484,7 @@ def profile_worker(worker: Service, e2e: EndToEnd, runs: int, out: Path,
     return summary
 
 
-def profile_api(api: Service, url: str, key: str, processor: str, out: Path,
+def profile_api(api: RunnerProcess, url: str, key: str, processor: str, out: Path,
                 log: Callable[[str], None], rate: float = 50, seconds: float = 10
                 ) -> dict[str, Any]:
     """POST /v1/runs at a rate the API sustains, py-spy on the API: CPU per request."""

@@ -227,6 +227,12 @@ class Executor:
                           log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
         return classify(outcome)
 
+    def close(self) -> None:
+        """Wait for container records still being written (at worker shutdown)."""
+        if self._record_pool is not None:
+            self._record_pool.shutdown(wait=True)
+            self._record_pool = None
+
     def _recorder(self) -> ThreadPoolExecutor:
         if self._record_pool is None:
             self._record_pool = ThreadPoolExecutor(max_workers=1,

@@ -7,8 +7,9 @@ reuse (database pool, Docker and Redis clients). `SimpleWorker` runs the job in 
 worker process; the container is the isolation. The RQ job timeout is set well past
 the container deadline, so the runner's own timeout always fires first.
 
-`--concurrency N` runs N such processes under a small supervisor that forwards
-signals and restarts a process that dies. Shutdown: the first SIGTERM lets the
+`--concurrency N` runs N such processes under `supervisor`, which forwards signals
+and restarts a process that dies. The process's services (one store, queue,
+manifest source, ledger and sandbox) come from `wiring`. Shutdown: the first SIGTERM lets the
 current run finish for up to the drain timeout; past it, or on a second signal, the
 container is stopped and the run handed back to be retried elsewhere as worker_lost.
 """
@@ -197,6 +198,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None,
             server.shutdown()
         if provider is not None:
             provider.shutdown()  # flush spans still in the exporter's batch
+        executor.close()
         services.close()
         log.info("worker_stopped")
 

@@ -2,40 +2,38 @@
 
 `make test` starts them (scripts/services.sh); a missing one fails the session, it is
 never skipped. Each session gets its own PostgreSQL database and RQ queue name, so
-it cannot disturb a dev stack sharing the same servers.
+it cannot disturb a dev stack sharing the same servers. At its end the session checks
+that no runner container of its own is left, then removes any that are.
+
+The helpers themselves (processes, servers, waiting) are in tests/support.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import docker
-import psycopg
 import pytest
 import redis
-import uvicorn
 import yaml
 
-from api.app import create_app
 from runner.authoring.publish import publish
 from runner.client import RunnerClient
 from runner.control.keys import Keys
-from runner.control.migrate import upgrade
 from runner.control.store import Store
 from runner.domain import Role
-from runner.execution.worker import sandbox_config
+from runner.execution.wiring import sandbox_config
 from runner.sandbox import MANAGED_LABEL, RUN_LABEL, WORKER_LABEL, SandboxConfig
 from runner.settings import Settings, load_settings
+from tests.support.processes import WorkerProcess
+from tests.support.services import ApiServer, RedisServer, scratch_database
+from tests.support.waiting import WaitTimeout, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("RUNNER_TEST_PG_URL", "postgresql://runner:runner@127.0.0.1:5439/runner")
@@ -50,25 +48,15 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "logflood": {"limits": {"log_bytes": "1Mi", "timeout": "120s"}},
     "memhog": {"limits": {"memory": "64Mi"}},
 }
-
-
-@pytest.fixture(scope="session")
-def docker_client() -> docker.DockerClient:
-    client = docker.from_env()
-    client.ping()
-    return client
+# Workers remove a finished run's container in the background, just after the run's
+# end is recorded: how long the session's end waits for the last ones to go.
+LEFTOVER_GRACE_SECONDS = 30
 
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
-    name = f"runner_test_{SESSION}"
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    upgrade(url)
-    yield url
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(PG_URL, f"runner_test_{SESSION}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -117,98 +105,12 @@ def redis_client() -> redis.Redis:
     return client
 
 
-def child_env(settings: Settings, **extra: str) -> dict[str, str]:
-    names = ("database_url", "redis_url", "manifest", "queue", "registry",
-             "stop_grace_seconds", "worker_id", "lease_seconds", "heartbeat_seconds",
-             "drain_timeout_seconds", "reconcile_interval_seconds", "reconcile_grace_seconds")
-    values = {f"RUNNER_{n.upper()}": str(getattr(settings, n)) for n in names}
-    return {**os.environ, **values, "RUNNER_LOG_FORMAT": "json", **extra}
-
-
-class WorkerProcess:
-    """A real `runner worker` process, its log file and its pid."""
-
-    def __init__(self, settings: Settings, log_path: Path, *, args: list[str] | None = None,
-                 env: dict[str, str] | None = None, wait_started: bool = True) -> None:
-        self.log_path = log_path
-        self._out = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "runner", "worker", *(args or [])], cwd=ROOT,
-            env={**child_env(settings), **(env or {})},
-            stdout=self._out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while wait_started and b"worker_started" not in log_path.read_bytes():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.1)
-
-    def memory_kib(self, field: str = "VmHWM") -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"{field} not in /proc status")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self, sig: int = 9) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        if sig == 9:
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            self._out.close()
-            return
-        self.process.send_signal(18)  # SIGCONT, in case a test left it stopped
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self._out.close()
-
-
 @pytest.fixture(scope="session")
 def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[WorkerProcess]:
     process = WorkerProcess(settings, tmp_path_factory.mktemp("worker") / "worker.log")
     yield process
     process.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-_free_port = free_port  # the older name, still imported by some callers
-
-
-class ApiServer:
-    """The real app under uvicorn on a loopback port, in a thread of this process."""
-
-    def __init__(self, settings: Settings, app: Any = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(
-            app or create_app(settings), host="127.0.0.1", port=self.port,
-            log_level="warning", access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("API server did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="session")
@@ -271,22 +173,35 @@ def containers_of(client: docker.DockerClient, run_id: str) -> list[Any]:
                                        filters={"label": f"{RUN_LABEL}={run_id}"}))
 
 
+def running_container(client: docker.DockerClient, run_id: str, timeout: float = 60) -> Any:
+    """The run's container once it is running."""
+    def running() -> Any:
+        return next((c for c in containers_of(client, run_id) if c.status == "running"),
+                    None)
+
+    return wait_until(running, timeout=timeout, message=f"no running container for {run_id}")
+
+
+def still_there(list_them: Callable[[], Iterable[Any]], timeout: float,
+                interval: float = 0.1) -> list[Any]:
+    """What `list_them` still lists after up to `timeout` seconds of waiting for it to
+    list nothing (an empty list as soon as it does)."""
+    left: list[Any] = []
+
+    def gone() -> bool:
+        left[:] = list_them()
+        return not left
+
+    with contextlib.suppress(WaitTimeout):
+        wait_until(gone, timeout=timeout, interval=interval)
+    return left
+
+
 def containers_left(client: docker.DockerClient, run_id: str, timeout: float = 20
                     ) -> list[Any]:
     """The run's containers still there after `timeout`: workers remove a finished
     container in the background, just after recording the run's end."""
-    deadline = time.monotonic() + timeout
-    while (left := containers_of(client, run_id)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
-
-
-@pytest.fixture(scope="session", autouse=True)
-def remove_leftover_containers() -> Iterator[None]:
-    """Whatever a failed test left behind is removed at session end (by our label)."""
-    yield
-    for container in session_containers(docker.from_env()):
-        container.remove(force=True, v=True)
+    return still_there(lambda: containers_of(client, run_id), timeout)
 
 
 def session_containers(client: docker.DockerClient) -> list[Any]:
@@ -296,44 +211,25 @@ def session_containers(client: docker.DockerClient) -> list[Any]:
             if SESSION in (c.attrs.get("Labels") or {}).get(WORKER_LABEL, "")]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def remove_leftover_containers() -> Iterator[None]:
+    """At session end (after every other fixture, workers included, has stopped) the
+    whole suite may have left no runner container behind: a failure of the session if
+    one is still there after the grace for background removals. Whatever is left is
+    then removed (by our label), so a failed run leaves nothing either."""
+    yield
+    client = docker.from_env()
+    try:
+        left = still_there(lambda: session_containers(client), LEFTOVER_GRACE_SECONDS,
+                           interval=0.2)
+        assert left == [], [c.name for c in left]
+    finally:
+        for container in session_containers(client):
+            container.remove(force=True, v=True)
+
+
 # Reliability fixtures: their own Redis server (so it can be flushed and restarted
 # without touching anything else), short leases, and workers started per test.
-
-class RedisServer:
-    """A throwaway redis-server on a free loopback port, with no persistence."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
 
 @pytest.fixture(scope="session")
 def rel_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
@@ -398,10 +294,13 @@ def start_worker(rel_settings: Settings, tmp_path: Path
     started: list[WorkerProcess] = []
 
     def go(name: str = "w", *, args: list[str] | None = None,
-           env: dict[str, str] | None = None, wait_started: bool = True) -> WorkerProcess:
+           env: dict[str, str] | None = None, wait_started: bool = True,
+           faults: Iterable[str] = ()) -> WorkerProcess:
+        """`faults`: fault points to arm (the worker then runs the test entry point,
+        tests.support.faulty_worker, and SIGKILLs itself at the first it reaches)."""
         settings = rel_settings.model_copy(update={"worker_id": f"rel-{SESSION}-{name}"})
         process = WorkerProcess(settings, tmp_path / f"{name}.log", args=args, env=env,
-                                wait_started=wait_started)
+                                wait_started=wait_started, faults=faults)
         started.append(process)
         return process
 

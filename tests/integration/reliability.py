@@ -6,11 +6,10 @@ import contextlib
 import secrets
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-import docker
+import redis
 
 from runner.control.queue import RunQueue
 from runner.control.runs import Submission, submit
@@ -18,7 +17,8 @@ from runner.control.store import Store
 from runner.domain import Run, RunStatus
 from runner.manifest import load_manifest
 from runner.settings import Settings
-from tests.integration.conftest import containers_of, free_port
+from tests.support.net import free_port
+from tests.support.waiting import wait_until
 
 
 def submit_rel(store: Store, settings: Settings, processor: str,
@@ -32,31 +32,40 @@ def submit_rel(store: Store, settings: Settings, processor: str,
 
 def wait_for(store: Store, run_id: str, *statuses: RunStatus, attempt: int | None = None,
              min_attempt: int = 0, timeout: float = 120) -> Run:
-    deadline = time.monotonic() + timeout
-    while True:
+    seen: list[Run] = []
+
+    def reached() -> Run | None:
         run = store.get_run(run_id)
         assert run is not None
+        seen[:] = [run]
         if (run.status in statuses and (attempt is None or run.attempt == attempt)
                 and run.attempt >= min_attempt):
             return run
-        if time.monotonic() > deadline:
-            raise AssertionError(f"run {run_id} is {run.status} (attempt {run.attempt}), "
-                                 f"wanted {statuses} attempt {attempt} (>= {min_attempt})")
-        time.sleep(0.05)
+        return None
+
+    return wait_until(reached, timeout=timeout, message=lambda: (
+        f"run {run_id} is {seen[-1].status} (attempt {seen[-1].attempt}), "
+        f"wanted {statuses} attempt {attempt} (>= {min_attempt})"))
 
 
 def wait_terminal(store: Store, run_id: str, timeout: float = 120) -> Run:
     return wait_for(store, run_id, *[s for s in RunStatus if s.terminal], timeout=timeout)
 
 
-def running_container(client: docker.DockerClient, run_id: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for container in containers_of(client, run_id):
-            if container.status == "running":
-                return container
-        time.sleep(0.05)
-    raise AssertionError(f"no running container for {run_id}")
+def blocked_on_an_empty_queue(redis_url: str, queue: str) -> bool:
+    """Whether `queue` is empty and a worker is blocked waiting for its next job.
+
+    A worker (one job at a time) blocks only once it has taken every job off its
+    queue and handled each: every job before that point has had its chance to run.
+    """
+    client = redis.Redis.from_url(redis_url)
+    try:
+        if client.llen(f"rq:queue:{queue}"):
+            return False
+        return any("b" in c.get("flags", "") and c.get("cmd") in ("blmove", "blpop")
+                   for c in client.client_list())
+    finally:
+        client.close()
 
 
 class _Proxy:

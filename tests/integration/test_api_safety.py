@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +21,9 @@ from runner.control.keys import Keys
 from runner.control.store import Store
 from runner.domain import Role
 from runner.settings import Settings
-from tests.integration.conftest import ROOT, SESSION, WorkerProcess, child_env, free_port
+from tests.integration.conftest import ROOT, SESSION
+from tests.support.net import free_port
+from tests.support.processes import RunnerProcess, WorkerProcess, child_env
 
 
 @pytest.fixture(scope="module")
@@ -139,33 +142,26 @@ def test_tenant_submissions_per_minute(api_with: Callable[..., str], store: Stor
 
 
 @pytest.fixture
-def two_api_processes(settings: Settings) -> Iterator[list[str]]:
+def two_api_processes(settings: Settings, tmp_path: Path) -> Iterator[list[str]]:
     """Two real `runner api` processes sharing PostgreSQL and Redis."""
-    procs, urls = [], []
-    for _ in range(2):
-        port = free_port()
-        env = child_env(settings, RUNNER_API_PORT=str(port), RUNNER_QUEUE=f"parked-{SESSION}",
-                        RUNNER_TENANT_MAX_ACTIVE_RUNS="5",
-                        RUNNER_TENANT_SUBMISSIONS_PER_MINUTE="0",
-                        RUNNER_KEY_REQUESTS_PER_SECOND="0")
-        procs.append(subprocess.Popen([sys.executable, "-m", "runner", "api"], env=env,
-                                      cwd=ROOT, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        urls.append(f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 60
-    for url in urls:
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "API processes did not start"
-            time.sleep(0.1)
-    yield urls
-    for proc in procs:
-        proc.terminate()
-        proc.wait(30)
+    procs: list[RunnerProcess] = []
+    try:
+        for i in range(2):  # both start, then both are waited on
+            port = free_port()
+            env = child_env(settings, RUNNER_API_PORT=str(port),
+                            RUNNER_QUEUE=f"parked-{SESSION}",
+                            RUNNER_TENANT_MAX_ACTIVE_RUNS="5",
+                            RUNNER_TENANT_SUBMISSIONS_PER_MINUTE="0",
+                            RUNNER_KEY_REQUESTS_PER_SECOND="0")
+            procs.append(RunnerProcess(f"api{i}", ["api"], env=env,
+                                       log_path=tmp_path / f"api{i}.log",
+                                       url=f"http://127.0.0.1:{port}"))
+        for proc in procs:
+            proc.wait_ready(url=proc.url, timeout=60)
+        yield [str(proc.url) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.stop()
 
 
 def test_tenant_cap_holds_across_api_processes(two_api_processes: list[str],

@@ -17,12 +17,20 @@ import pytest
 
 from runner.control.queue import RunQueue
 from runner.control.store import Store
-from runner.domain import ErrorCode, RunStatus
+from runner.domain import ErrorCode, RunStatus, utcnow
 from runner.errors import ServiceUnavailableError
-from runner.execution.worker import build_reconciler
+from runner.execution.wiring import build_reconciler
 from runner.settings import Settings
-from tests.integration.conftest import RedisServer, WorkerProcess, containers_left, containers_of
-from tests.integration.reliability import running_container, submit_rel, wait_for, wait_terminal
+from tests.integration.conftest import containers_left, containers_of, running_container
+from tests.integration.reliability import (
+    blocked_on_an_empty_queue,
+    submit_rel,
+    wait_for,
+    wait_terminal,
+)
+from tests.support.processes import WorkerProcess
+from tests.support.services import RedisServer
+from tests.support.waiting import wait_until
 
 StartWorker = Callable[..., WorkerProcess]
 
@@ -58,7 +66,7 @@ def test_sigkill_at_a_fault_point(start_worker: StartWorker, store: Store,
                                   rel_settings: Settings, docker_client: docker.DockerClient,
                                   point: str, left_as: RunStatus,
                                   attempt_errors: list[ErrorCode | None]) -> None:
-    doomed = start_worker("doomed", env={"RUNNER_FAULT_POINTS": point})
+    doomed = start_worker("doomed", faults={point})
     run = submit_rel(store, rel_settings, "rel-echo", {"message": point})
     doomed.process.wait(30)
     assert "fault_injected" in doomed.log()
@@ -81,7 +89,9 @@ def test_same_run_enqueued_twice_runs_once(start_worker: StartWorker, store: Sto
     final = wait_terminal(store, run.id)
     assert (final.status, final.attempt) == (RunStatus.SUCCEEDED, 1)
     assert len(store.attempts(run.id)) == 1
-    time.sleep(1)
+    # The duplicates had their chance: the worker took every job off the queue.
+    wait_until(lambda: blocked_on_an_empty_queue(rel_settings.redis_url, rel_settings.queue),
+               timeout=30, message="the worker never emptied its queue")
     assert worker.log().count('"event": "run_claimed"') == 1
 
 
@@ -92,17 +102,27 @@ def test_sigstop_past_the_lease_then_sigcont(start_worker: StartWorker, store: S
     run = submit_rel(store, rel_settings, "slow", {"seconds": 4})
     first = running_container(docker_client, run.id)
     worker.kill(signal.SIGSTOP)
-    time.sleep(rel_settings.lease_seconds + 1)
+
+    def lease_expired() -> bool:
+        lease = store.get_run(run.id).lease_expires_at  # type: ignore[union-attr]
+        return lease is not None and lease < utcnow()
+
+    wait_until(lease_expired, timeout=rel_settings.lease_seconds + 30, interval=0.2,
+               message="the frozen worker's lease never expired")
     reconciler = build_reconciler(rel_settings, store=store)
-    deadline = time.monotonic() + 90
-    while (store.get_run(run.id).status is RunStatus.RUNNING  # type: ignore[union-attr]
-           and time.monotonic() < deadline):
+
+    def taken_back() -> bool:
+        if store.get_run(run.id).status is not RunStatus.RUNNING:  # type: ignore[union-attr]
+            return True
         # A frozen worker may hold a row lock mid-transaction: the reconciler's write
         # times out (lock_timeout) and succeeds on a later pass once the server has
         # ended the frozen transaction.
         with contextlib.suppress(ServiceUnavailableError):
             reconciler.run_once()
-        time.sleep(0.5)
+        return False
+
+    wait_until(taken_back, timeout=90, interval=0.5,
+               message="no reconciler pass took the run back from the frozen worker")
     expired = wait_for(store, run.id, RunStatus.QUEUED, attempt=1, timeout=5)
     assert expired.error_code == ErrorCode.WORKER_LOST
     assert first.id not in [c.id for c in containers_of(docker_client, run.id)]
@@ -113,10 +133,9 @@ def test_sigstop_past_the_lease_then_sigcont(start_worker: StartWorker, store: S
     assert [a["error_code"] for a in attempts] == [ErrorCode.WORKER_LOST, None]
     # The stalled worker's late writes for attempt 1 changed nothing.
     assert attempts[0]["status"] == "failed" and attempts[0]["error_stage"] == "lease"
-    deadline = time.monotonic() + 15
-    while not any(e in worker.log() for e in ("attempt_abandoned", "run_finish_fenced_off")):
-        assert time.monotonic() < deadline, worker.log()
-        time.sleep(0.1)
+    wait_until(lambda: any(e in worker.log()
+                           for e in ("attempt_abandoned", "run_finish_fenced_off")),
+               timeout=15, interval=0.1, message=worker.log)
 
 
 def test_redis_flushall_with_queued_and_running_runs(start_worker: StartWorker, store: Store,

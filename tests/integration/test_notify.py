@@ -31,11 +31,21 @@ def test_a_notice_wakes_the_watchers_of_its_run_only() -> None:
         subscribed = await woken(ready, deployment=f"notify-{SESSION}", run="run-ready",
                                  tries=100)
         mine, other_run = watcher.watch("run-a"), watcher.watch("run-b")
-        foreign = await woken(mine, deployment=f"elsewhere-{SESSION}", run="run-a", tries=3)
+        # Another deployment's notices for run-a, then ours for a marker run, on the
+        # same connection: once the marker's notice has woken its watcher, whatever
+        # the earlier ones could have woken is woken (one subscriber, in order).
+        for _ in range(3):
+            announce(publisher, f"elsewhere-{SESSION}", "run-a")
+        marker = watcher.watch("run-marker")
+        delivered = await woken(marker, deployment=f"notify-{SESSION}", run="run-marker",
+                                tries=50)
+        foreign = mine.is_set()
         own = await woken(mine, deployment=f"notify-{SESSION}", run="run-a", tries=50)
-        for run, event in (("run-ready", ready), ("run-a", mine), ("run-b", other_run)):
+        for run, event in (("run-ready", ready), ("run-a", mine), ("run-b", other_run),
+                           ("run-marker", marker)):
             watcher.unwatch(run, event)
-        return subscribed and not foreign, own, other_run.is_set(), bool(watcher._waiters)
+        return (subscribed and delivered and not foreign, own, other_run.is_set(),
+                bool(watcher._waiters))
 
     only_own_deployment, woken_by_own, other_woken, left = asyncio.run(go())
     assert only_own_deployment and woken_by_own

@@ -7,6 +7,7 @@ process that serves its metrics port and writes its spans to a JSON-lines file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -28,16 +29,12 @@ from runner.control.keys import Keys
 from runner.control.store import Store
 from runner.domain import Role
 from runner.settings import Settings, load_settings
-from tests.integration.conftest import (
-    REGISTRY,
-    SESSION,
-    ApiServer,
-    RedisServer,
-    WorkerProcess,
-    free_port,
-    write_manifest,
-)
+from tests.integration.conftest import REGISTRY, SESSION, write_manifest
 from tests.integration.reliability import TcpProxy
+from tests.support.net import free_port
+from tests.support.processes import WorkerProcess
+from tests.support.services import ApiServer, RedisServer
+from tests.support.waiting import WaitTimeout, wait_until
 
 STAGES = ["pull", "create", "start", "wait", "collect", "remove"]
 STAGE_EVENTS = ["container.pulled", "container.created", "container.started",
@@ -123,10 +120,9 @@ def finished_runs(obs_client: RunnerClient, obs_worker: WorkerProcess,
                 for name, run in submitted.items()}
     # The last run's end wakes the client a moment before its worker has left it
     # (gauges, health counts): the tests below count on an idle worker.
-    deadline = time.monotonic() + 30
-    while httpx.get(worker_url(obs_settings, "/healthz"), timeout=10).json()["current_run"]:
-        assert time.monotonic() < deadline, "the worker never went idle"
-        time.sleep(0.1)
+    wait_until(lambda: not httpx.get(worker_url(obs_settings, "/healthz"),
+                                     timeout=10).json()["current_run"],
+               timeout=30, interval=0.1, message="the worker never went idle")
     return finished
 
 
@@ -224,16 +220,18 @@ def test_the_span_tree_of_one_run_crosses_api_and_worker(
     submits = [s for s in spans.get_finished_spans() if s.name == "POST /v1/runs"]
     assert submits
     worker_spans: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # the remove span may end after the attempt's
-        worker_spans = [json.loads(line) for line in
-                        Path(obs_settings.trace_file).read_text().splitlines()]
-        attempt = [s for s in worker_spans if s["name"] == "run.attempt"
-                   and s["attributes"].get("runner.run_id") == run_id]
-        if attempt and sum(s["parent_id"] == attempt[0]["span_id"]
-                           for s in worker_spans) == 1 + len(STAGES):
-            break
-        time.sleep(0.2)
+    attempt: list[dict[str, Any]] = []
+
+    def whole_tree() -> bool:  # the remove span may end after the attempt's
+        worker_spans[:] = [json.loads(line) for line in
+                           Path(obs_settings.trace_file).read_text().splitlines()]
+        attempt[:] = [s for s in worker_spans if s["name"] == "run.attempt"
+                      and s["attributes"].get("runner.run_id") == run_id]
+        return bool(attempt) and sum(s["parent_id"] == attempt[0]["span_id"]
+                                     for s in worker_spans) == 1 + len(STAGES)
+
+    with contextlib.suppress(WaitTimeout):  # the assertions below say what is missing
+        wait_until(whole_tree, timeout=30, interval=0.2)
     assert len(attempt) == 1
     root = attempt[0]
     api_span = next(s for s in submits
@@ -266,12 +264,16 @@ def test_worker_healthz_reports_its_last_run_and_counts(
 def ready_statuses(urls: dict[str, str], *, until_ready: float = 0) -> dict[str, int]:
     """Each /readyz's status code; with `until_ready`, polled for up to that many
     seconds until every one is 200 (a recovery takes a moment)."""
-    deadline = time.monotonic() + until_ready
-    while True:
-        status = {name: httpx.get(url, timeout=20).status_code for name, url in urls.items()}
-        if set(status.values()) == {200} or time.monotonic() >= deadline:
-            return status
-        time.sleep(0.5)
+    status: dict[str, int] = {}
+
+    def all_ready() -> bool:
+        status.update({name: httpx.get(url, timeout=20).status_code
+                       for name, url in urls.items()})
+        return set(status.values()) == {200}
+
+    with contextlib.suppress(WaitTimeout):  # then the caller's assertion shows them
+        wait_until(all_ready, timeout=until_ready, interval=0.5)
+    return status
 
 
 def test_readyz_goes_red_without_redis_and_green_when_it_is_back(
@@ -318,6 +320,7 @@ def test_readyz_goes_red_without_the_database_and_green_when_it_is_back(
     urls = {"api": f"{api.url}/readyz", "worker": worker_url(settings, "/readyz")}
     try:
         assert ready_statuses(urls) == {"api": 200, "worker": 200}
+        cut_at = len(worker.log())
         proxy.down()
         started = time.monotonic()
         for name, u in urls.items():
@@ -327,7 +330,13 @@ def test_readyz_goes_red_without_the_database_and_green_when_it_is_back(
             assert checks["database"].startswith("database unavailable"), (name, checks)
             assert checks["redis"] == "ok" and checks["manifest"] == "ok", (name, checks)
         assert time.monotonic() - started < 15  # refused at once, not hung on a timeout
-        time.sleep(2)  # the worker's reconciler and lease loops meet the outage too
+        # The worker's reconciler loop meets the outage too, and the worker lives on:
+        # three failed passes in a row (half-second requeue passes, and at least one
+        # full pass among any three).
+        wait_until(lambda: len(worker.events("reconcile_failed", since=cut_at)) >= 3,
+                   timeout=30, interval=0.1,
+                   message=lambda: f"the worker's reconciler never met the outage:\n"
+                                   f"{worker.tail(2000)}")
         assert worker.process.poll() is None, worker.log()[-2000:]
         proxy.up()
         assert ready_statuses(urls, until_ready=30) == {"api": 200, "worker": 200}

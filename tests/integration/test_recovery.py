@@ -24,12 +24,14 @@ from runner.control.queue import STARTED_HOLD_SECONDS, RunQueue, job_id
 from runner.control.runs import Submission, submit
 from runner.control.store import Store
 from runner.domain import ErrorCode, Finish, NewRun, Run, RunStatus
-from runner.execution.worker import build_reconciler
+from runner.execution.wiring import build_reconciler
 from runner.manifest import load_manifest
 from runner.sandbox import ATTEMPT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
 from runner.settings import Settings
-from tests.integration.conftest import SESSION, WorkerProcess, containers_left
+from tests.integration.conftest import SESSION, containers_left
 from tests.integration.reliability import DockerProxy, submit_rel, wait_for, wait_terminal
+from tests.support.processes import WorkerProcess
+from tests.support.waiting import wait_until
 
 StartWorker = Callable[..., WorkerProcess]
 
@@ -164,8 +166,8 @@ def test_cancel_queued_running_and_finished(client: RunnerClient, worker: Worker
                                             docker_client: docker.DockerClient) -> None:
     busy = client.submit("sleep", {"seconds": 30}, timeout_seconds=60)
     waiting = client.submit("echo", {"message": "never"})
-    while client.run(busy["id"])["status"] != "running":
-        time.sleep(0.05)
+    wait_until(lambda: client.run(busy["id"])["status"] == "running", timeout=120,
+               message=f"run {busy['id']} never started")
     # Queued: ends at once and never starts.
     canceled = client.cancel(waiting["id"])
     assert (canceled["status"], canceled["error_code"]) == ("canceled", "canceled")
@@ -178,8 +180,10 @@ def test_cancel_queued_running_and_finished(client: RunnerClient, worker: Worker
         "canceled", "canceled", 1)
     assert took < 60, took  # heartbeat 1 s + grace 1 s; generous for a loaded machine
     assert containers_left(docker_client, busy["id"]) == []
-    # The queued one still never started, after the worker was free.
-    time.sleep(1)
+    # The queued one still never started, after the worker was free: it has taken the
+    # run's job off the queue and dropped it.
+    wait_until(lambda: worker.events("run_not_claimed", run_id=waiting["id"]), timeout=60,
+               message=lambda: f"the worker never dequeued {waiting['id']}:\n{worker.tail()}")
     never = client.run(waiting["id"])
     assert (never["status"], never["attempt"], never["attempts"]) == ("canceled", 0, [])
     # Finished: 409, and it stays as it was.
@@ -216,11 +220,9 @@ def test_per_processor_cap_holds_under_twenty_submissions(
     start_worker("pool", args=["--concurrency", "4"], wait_started=False)
     runs = [submit_rel(store, rel_settings, "capped", {"seconds": 1}) for _ in range(20)]
     ids = {r.id for r in runs}
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if all(store.get_run(i).status.terminal for i in ids):  # type: ignore[union-attr]
-            break
-        time.sleep(0.2)
+    wait_until(lambda: all(store.get_run(i).status.terminal  # type: ignore[union-attr]
+                           for i in ids), timeout=240, interval=0.2,
+               message="not every capped run ended")
     finals = [store.get_run(i) for i in ids]
     assert all(f is not None and f.status is RunStatus.SUCCEEDED for f in finals)
     # An attempt holds its slot from claim to finish, and its container lives inside

@@ -16,7 +16,8 @@ from runner.client import RunnerClient
 from runner.control.store import Store
 from runner.sandbox import ATTEMPT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
 from runner.settings import Settings
-from tests.integration.conftest import WorkerProcess, containers_left, containers_of
+from tests.integration.conftest import containers_left, running_container
+from tests.support.processes import WorkerProcess
 
 Run = Callable[..., dict[str, Any]]
 
@@ -43,22 +44,12 @@ def test_echo_end_to_end(run_and_wait: Run, client: RunnerClient, store: Store,
     assert containers_left(docker_client, run["id"]) == []
 
 
-def _wait_for_container(docker_client: docker.DockerClient, run_id: str) -> Any:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        found = containers_of(docker_client, run_id)
-        if found and found[0].status == "running":
-            return found[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no running container for {run_id}")
-
-
 def test_live_container_is_locked_down(client: RunnerClient, worker: WorkerProcess,
                                        docker_client: docker.DockerClient,
                                        settings: Settings,
                                        published: dict[str, dict[str, Any]]) -> None:
     run = client.submit("sleep", {"seconds": 30}, timeout_seconds=5)
-    container = _wait_for_container(docker_client, run["id"])
+    container = running_container(docker_client, run["id"])
     attrs = docker_client.api.inspect_container(container.id)
     host, config = attrs["HostConfig"], attrs["Config"]
     # Limits from the manifest: sleep has cpus 0.1, memory 16Mi, pids 8.

@@ -17,32 +17,28 @@ import itertools
 import os
 import re
 import secrets
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import docker
-import httpx
-import psycopg
 import pytest
 import yaml
 
 from runner.authoring.publish import publish
 from runner.control.keys import Keys
-from runner.control.migrate import upgrade
 from runner.control.queue import RunQueue
 from runner.control.runs import Submission, submit
 from runner.control.store import Store
-from runner.domain import Role, Run, RunStatus
+from runner.domain import Role, Run, RunStatus, utcnow
 from runner.manifest import load_manifest
 from runner.sandbox import INSTANCE_LABEL
-from tests.integration.conftest import RedisServer
+from tests.support.net import free_port, http_status
+from tests.support.processes import RunnerProcess, start_api_process, start_worker_process
+from tests.support.services import RedisServer, scratch_database
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOKS = ROOT / "runbooks"
@@ -64,71 +60,12 @@ def runbook_blocks(path: Path) -> dict[str, list[str]]:
     return blocks
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_until(check: Any, what: str, timeout: float = 60, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-@pytest.fixture(scope="session")
-def docker_client() -> docker.DockerClient:
-    client = docker.from_env()
-    client.ping()
-    return client
-
-
 @pytest.fixture(scope="session")
 def images(docker_client: docker.DockerClient) -> dict[str, str]:
     """The sample processors' pinned references (built on the local bases, pushed)."""
     return {name: publish(SAMPLES / name, registry=REGISTRY, client=docker_client,
                           local_base=True)["image"]
             for name in ("echo", "sleep", "exit", "logflood")}
-
-
-@dataclass
-class Process:
-    """A `runner ...` child process with its own log file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            self.popen.send_signal(sig)
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(10)
-
-    def stop(self) -> None:
-        if not self.alive():
-            return
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
-        try:
-            self.popen.wait(20)
-        except subprocess.TimeoutExpired:
-            self.kill()
 
 
 class Registry:
@@ -151,20 +88,14 @@ class Registry:
         with self.log_path.open("ab") as out:
             self.popen = subprocess.Popen(["docker-registry", "serve", str(self.config)],
                                           stdout=out, stderr=subprocess.STDOUT)
-        wait_until(lambda: _answers(f"http://{self.address}/v2/"), "the registry")
+        wait_until(lambda: (http_status(f"http://{self.address}/v2/") or 500) < 500,
+                   timeout=60, interval=0.2, message="the registry never answered")
 
     def stop(self) -> None:
         if self.popen is not None:
             self.popen.terminate()
             self.popen.wait(10)
             self.popen = None
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code < 500
-    except httpx.HTTPError:
-        return False
 
 
 @dataclass
@@ -187,7 +118,7 @@ class Stack:
     name: str
     images: dict[str, str]
     env: dict[str, str] = field(default_factory=dict)
-    processes: list[Process] = field(default_factory=list)
+    processes: list[RunnerProcess] = field(default_factory=list)
     store: Store | None = None
 
     @property
@@ -210,32 +141,19 @@ class Stack:
 
     # Processes -----------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None) -> Process:
-        log_path = self.directory / f"{name}.log"
-        with log_path.open("ab") as out:
-            popen = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=ROOT,
-                                     env={**self.env, **(env or {})},
-                                     stdout=out, stderr=subprocess.STDOUT)
-        process = Process(name, popen, log_path)
+    def start_worker(self, name: str = "w1", env: dict[str, str] | None = None
+                     ) -> RunnerProcess:
+        process = start_worker_process(
+            {**self.env, "RUNNER_WORKER_ID": f"{self.name}-{name}", **(env or {})},
+            self.directory / f"{name}.log", name=name, append=True, timeout=90)
         self.processes.append(process)
         return process
 
-    def start_worker(self, name: str = "w1", env: dict[str, str] | None = None) -> Process:
-        process = self._spawn(name, ["worker"], {"RUNNER_WORKER_ID": f"{self.name}-{name}",
-                                                 **(env or {})})
-        wait_until(lambda: "worker_started" in process.log() or not process.alive(),
-                   f"worker {name} to start", timeout=90)
-        assert process.alive(), process.log()[-3000:]
-        return process
-
-    def start_api(self) -> Process:
-        port = free_port()
-        process = self._spawn("api", ["api", "--port", str(port)], None)
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _answers(f"{url}/healthz") or not process.alive(), "the API",
-                   timeout=90)
-        assert process.alive(), process.log()[-3000:]
-        self.env["RUNNER_API_URL"] = url
+    def start_api(self) -> RunnerProcess:
+        process = start_api_process(self.env, self.directory / "api.log", append=True,
+                                    timeout=90)
+        self.processes.append(process)
+        self.env["RUNNER_API_URL"] = str(process.url)
         self.env["RUNNER_API_KEY"] = self.key("ops", Role.ADMIN)
         return process
 
@@ -264,13 +182,24 @@ class Stack:
     def wait(self, run_id: str, *statuses: RunStatus, timeout: float = 120) -> Run:
         """The run once it is in one of `statuses` (default: any final status)."""
         wanted = statuses or tuple(s for s in RunStatus if s.terminal)
-        deadline = time.monotonic() + timeout
-        while (run := self.run(run_id)).status not in wanted:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"run {run_id} is {run.status} (attempt {run.attempt}), "
-                                     f"wanted {[s.value for s in wanted]}")
-            time.sleep(0.2)
-        return run
+        seen: list[Run] = []
+
+        def reached() -> Run | None:
+            seen[:] = [self.run(run_id)]
+            return seen[0] if seen[0].status in wanted else None
+
+        return wait_until(reached, timeout=timeout, interval=0.2, message=lambda: (
+            f"run {run_id} is {seen[-1].status} (attempt {seen[-1].attempt}), "
+            f"wanted {[s.value for s in wanted]}"))
+
+    def wait_lease_expired(self, run_id: str, timeout: float = 60) -> None:
+        """Until the run's lease is in the past (what `runner ops` calls expired)."""
+        def expired() -> bool:
+            lease = self.run(run_id).lease_expires_at
+            return lease is None or lease < utcnow()
+
+        wait_until(expired, timeout=timeout, interval=0.2,
+                   message=f"the lease of run {run_id} never expired")
 
     # Runbooks ------------------------------------------------------------------
 
@@ -309,29 +238,23 @@ class Stack:
 def stack(tmp_path: Path, images: dict[str, str], docker_client: docker.DockerClient
           ) -> Iterator[Stack]:
     name = f"ops-{SESSION}-{next(_numbers)}"
-    db_name = name.replace("-", "_")
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db_name}"')
-    database_url = PG_URL.rsplit("/", 1)[0] + f"/{db_name}"
-    (tmp_path / "redis").mkdir()
-    made = Stack(directory=tmp_path, redis=RedisServer(tmp_path / "redis"),
-                 database_url=database_url, name=name, images=images)
-    try:
-        upgrade(database_url)
-        made.write_manifest([made.entry("echo", "echo")])
-        made.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")},
-            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-            "RUNNER_DATABASE_URL": database_url, "RUNNER_REDIS_URL": made.redis.url,
-            "RUNNER_MANIFEST": str(made.manifest), "RUNNER_QUEUE": name,
-            "RUNNER_REGISTRY": REGISTRY, "RUNNER_INSTANCE_NAME": name,
-            "RUNNER_LOG_FORMAT": "json", "RUNNER_LEASE_SECONDS": "3",
-            "RUNNER_HEARTBEAT_SECONDS": "0.5", "RUNNER_STOP_GRACE_SECONDS": "1",
-            "RUNNER_DRAIN_TIMEOUT_SECONDS": "3", "RUNNER_RECONCILE_INTERVAL_SECONDS": "1",
-            "RUNNER_RECONCILE_GRACE_SECONDS": "1",
-        }
-        yield made
-    finally:
-        made.close(docker_client)
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+    with scratch_database(PG_URL, name.replace("-", "_")) as database_url:
+        (tmp_path / "redis").mkdir()
+        made = Stack(directory=tmp_path, redis=RedisServer(tmp_path / "redis"),
+                     database_url=database_url, name=name, images=images)
+        try:
+            made.write_manifest([made.entry("echo", "echo")])
+            made.env = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")},
+                "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+                "RUNNER_DATABASE_URL": database_url, "RUNNER_REDIS_URL": made.redis.url,
+                "RUNNER_MANIFEST": str(made.manifest), "RUNNER_QUEUE": name,
+                "RUNNER_REGISTRY": REGISTRY, "RUNNER_INSTANCE_NAME": name,
+                "RUNNER_LOG_FORMAT": "json", "RUNNER_LEASE_SECONDS": "3",
+                "RUNNER_HEARTBEAT_SECONDS": "0.5", "RUNNER_STOP_GRACE_SECONDS": "1",
+                "RUNNER_DRAIN_TIMEOUT_SECONDS": "3", "RUNNER_RECONCILE_INTERVAL_SECONDS": "1",
+                "RUNNER_RECONCILE_GRACE_SECONDS": "1",
+            }
+            yield made
+        finally:
+            made.close(docker_client)

@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.ops.conftest import wait_until
+from tests.support.net import free_port
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "var" / "venv" / "bin" / "runner"
@@ -38,13 +38,6 @@ SERVICES = ("redis", "postgres", "registry", "api", "worker")
 INSTANCE_LABEL = "io.container-runner.instance"
 
 pytestmark = pytest.mark.timeout(2400)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 300,
@@ -142,7 +135,8 @@ def stack() -> Iterator[Stack]:
     try:
         stack.compose("build", "--force-rm", "migrate", timeout=1200)  # no failed-step leftovers
         stack.compose("up", "-d", timeout=600)
-        wait_until(stack.healthy, "every service healthy and the migration done", 300, 2.0)
+        wait_until(stack.healthy, timeout=300, interval=2.0,
+                   message="not every service healthy, or the migration not done")
         yield stack
     finally:
         log = ROOT / "var" / "log" / f"compose-{PROJECT}.log"
@@ -200,8 +194,8 @@ def test_compose_stack_runs_a_published_processor(stack: Stack) -> None:
     http.headers["Authorization"] = f"Bearer {key}"
 
     # The running API and worker reload the edited manifest; no restart.
-    wait_until(lambda: any(p["name"] == "echo" for p in _processors(http)),
-               "the API to list the newly pinned echo processor", 30, 0.5)
+    wait_until(lambda: any(p["name"] == "echo" for p in _processors(http)), timeout=30,
+               interval=0.5, message="the API never listed the newly pinned echo processor")
 
     message = f"hello from {stack.project}"
     submitted = http.post("/v1/runs", json={"processor": "echo", "version": "1.0.0",
@@ -213,7 +207,8 @@ def test_compose_stack_runs_a_published_processor(stack: Stack) -> None:
         body: dict[str, Any] = http.get(f"/v1/runs/{run_id}").json()
         return body if body["status"] not in ("queued", "running") else None
 
-    final = wait_until(finished, f"run {run_id} to finish", 180, 0.5)
+    final = wait_until(finished, timeout=180, interval=0.5,
+                       message=f"run {run_id} never finished")
     assert final["status"] == "succeeded", final
     assert final["result"] == {"echo": {"message": message}}
     assert final["exit_code"] == 0

@@ -77,7 +77,7 @@ def test_worker_crash(stack: Stack) -> None:
     run = stack.submit("nap", {"seconds": 5})
     stack.wait(run.id, RunStatus.RUNNING, timeout=60)
     worker.kill()  # SIGKILL mid-run: nothing is handed back
-    time.sleep(4)  # past the 3 s lease
+    stack.wait_lease_expired(run.id)  # the 3 s lease
 
     diagnosis = stack.runbook("worker-crash", "diagnose")
     assert run.id in diagnosis.output and "lease expired" in diagnosis.output
@@ -103,7 +103,7 @@ def test_runs_stuck_running(stack: Stack) -> None:
     stack.wait(run.id, RunStatus.RUNNING, timeout=60)
     time.sleep(0.5)
     worker.signal(signal.SIGSTOP)  # frozen: alive, holds its run, renews nothing
-    time.sleep(4)
+    stack.wait_lease_expired(run.id)
 
     diagnosis = stack.runbook("runs-stuck-running", "diagnose")
     assert run.id in diagnosis.output and "lease expired" in diagnosis.output

@@ -1,0 +1,273 @@
+"""The reconciler on SQLite with a fake sandbox and a fake queue: expired leases taken
+back (containers first), due runs requeued once, leftover containers swept, and the
+lock and a Redis outage. No Docker, no Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from runner.control.ledger import Ledger
+from runner.control.lifecycle import ClaimStatus, Lifecycle
+from runner.control.store import Store
+from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
+from runner.errors import DockerUnavailableError
+from runner.execution.reconciler import Reconciler
+from runner.manifest import ManifestSource
+from tests.support.fakes import FakeQueue, FakeSandbox
+from tests.unit.conftest import ManifestMaker, NewRunMaker, past, set_run
+
+NO_RETRY = "{max_attempts: 1}"
+
+
+class RecordingLedger(Ledger):
+    """The real ledger, noting each finish in the fake sandbox's call log (for order)."""
+
+    def __init__(self, store: Store, lifecycle: Lifecycle, calls: list[tuple[str, str]]
+                 ) -> None:
+        super().__init__(store, lifecycle)
+        self.calls = calls
+
+    def finish(self, run_id: str, attempt: int, outcome: Finish, *,
+               only_if_lease_expired: bool = False) -> bool:
+        self.calls.append(("finish", run_id))
+        return super().finish(run_id, attempt, outcome,
+                              only_if_lease_expired=only_if_lease_expired)
+
+
+@pytest.fixture
+def sandbox() -> FakeSandbox:
+    return FakeSandbox()
+
+
+@pytest.fixture
+def queue() -> FakeQueue:
+    return FakeQueue()
+
+
+ReconcilerMaker = Callable[..., Reconciler]
+
+
+@pytest.fixture
+def make_reconciler(store: Store, lifecycle: Lifecycle, sandbox: FakeSandbox,
+                    queue: FakeQueue, manifests: ManifestSource) -> ReconcilerMaker:
+    def make(**options: Any) -> Reconciler:
+        options.setdefault("sandbox", sandbox)
+        options.setdefault("manifests", manifests)
+        options.setdefault("grace_seconds", 0)
+        return Reconciler(ledger=RecordingLedger(store, lifecycle, sandbox.calls),
+                          queue=queue, **options)
+
+    return make
+
+
+@pytest.fixture
+def reconciler(make_reconciler: ReconcilerMaker) -> Reconciler:
+    return make_reconciler()
+
+
+def running(lifecycle: Lifecycle, run: Run, *, attempt: int = 1) -> Run:
+    got = lifecycle.claim(run.id, attempt=attempt, worker_id="gone", lease_seconds=60)
+    assert got.status is ClaimStatus.CLAIMED and got.run is not None
+    return got.run
+
+
+def current(store: Store, run_id: str) -> Run:
+    run = store.get_run(run_id)
+    assert run is not None
+    return run
+
+
+# Expired leases ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("retry", "cancel", "status", "code"), [
+    (None, False, RunStatus.QUEUED, ErrorCode.WORKER_LOST),
+    (NO_RETRY, False, RunStatus.DEAD_LETTER, ErrorCode.WORKER_LOST),
+    (None, True, RunStatus.CANCELED, ErrorCode.CANCELED),
+], ids=["retried", "dead-letter", "cancel-pending"])
+def test_an_expired_lease_is_taken_back_after_its_containers_go(
+        retry: str | None, cancel: bool, status: RunStatus, code: ErrorCode,
+        make_reconciler: ReconcilerMaker, make_manifests: ManifestMaker,
+        lifecycle: Lifecycle, store: Store, sandbox: FakeSandbox,
+        new_run: NewRunMaker) -> None:
+    manifests = make_manifests(retry=retry) if retry else make_manifests()
+    run = running(lifecycle, new_run())
+    container = sandbox.add_container(run_id=run.id, attempt=1)
+    if cancel:
+        lifecycle.cancel(run.id, tenant="t")
+    set_run(store, run.id, lease_expires_at=past(5))
+    report = make_reconciler(manifests=manifests).run_once()
+    assert report.expired == [run.id]
+    assert sandbox.removed == [container]
+    calls = sandbox.calls
+    assert calls.index(("remove", container)) < calls.index(("finish", run.id))
+    after = current(store, run.id)
+    assert (after.status, after.error_code, after.error_stage) == (status, code, "lease")
+    assert after.lease_expires_at is None
+
+
+def test_a_retried_lost_run_is_enqueued_in_the_same_pass(reconciler: Reconciler,
+                                                         lifecycle: Lifecycle, store: Store,
+                                                         queue: FakeQueue,
+                                                         new_run: NewRunMaker) -> None:
+    run = running(lifecycle, new_run())
+    set_run(store, run.id, lease_expires_at=past(5))
+    report = reconciler.run_once()
+    assert report.expired == [run.id]
+    assert report.requeued == [run.id]  # the test policy has no backoff: due at once
+    assert queue.jobs == {(run.id, 2)}
+
+
+def test_a_live_lease_is_left_alone(reconciler: Reconciler, lifecycle: Lifecycle,
+                                    store: Store, sandbox: FakeSandbox,
+                                    new_run: NewRunMaker) -> None:
+    run = running(lifecycle, new_run())
+    container = sandbox.add_container(run_id=run.id, attempt=1)
+    report = reconciler.run_once()
+    assert report.expired == [] and not report
+    assert sandbox.removed == [] and container in sandbox.containers
+    assert current(store, run.id) == run
+
+
+def test_without_the_engine_an_expired_lease_waits(make_reconciler: ReconcilerMaker,
+                                                   lifecycle: Lifecycle, store: Store,
+                                                   sandbox: FakeSandbox,
+                                                   new_run: NewRunMaker) -> None:
+    run = running(lifecycle, new_run())
+    set_run(store, run.id, lease_expires_at=past(5))
+    assert make_reconciler(sandbox=None).run_once().expired == []
+    sandbox.fail_listing = DockerUnavailableError("engine gone", stage="list")
+    assert make_reconciler().run_once().expired == []
+    assert current(store, run.id).status is RunStatus.RUNNING
+    sandbox.fail_listing = None
+    assert make_reconciler().run_once().expired == [run.id]
+
+
+def test_a_run_of_a_processor_this_manifest_lacks_is_left_to_its_pool(
+        make_reconciler: ReconcilerMaker, make_manifests: ManifestMaker,
+        lifecycle: Lifecycle, store: Store, new_run: NewRunMaker) -> None:
+    run = running(lifecycle, new_run())
+    set_run(store, run.id, lease_expires_at=past(5))
+    other_pool = make_reconciler(manifests=make_manifests(name="other"))
+    assert other_pool.run_once().expired == []
+    assert current(store, run.id).status is RunStatus.RUNNING
+    set_run(store, run.id, lease_expires_at=past(3600))  # long gone: default policy
+    assert other_pool.run_once().expired == [run.id]
+    assert current(store, run.id).status is RunStatus.DEAD_LETTER
+
+
+# Requeue -------------------------------------------------------------------------------
+
+def test_a_due_run_absent_from_the_queue_is_enqueued_once(reconciler: Reconciler,
+                                                          queue: FakeQueue,
+                                                          new_run: NewRunMaker) -> None:
+    run = new_run()
+    assert reconciler.run_once().requeued == [run.id]
+    assert queue.enqueued == [run.id] and queue.holds(run)
+    assert reconciler.run_once().requeued == []  # the queue holds it now
+    assert queue.enqueued == [run.id]
+
+
+def test_a_run_the_queue_holds_is_not_enqueued(reconciler: Reconciler, queue: FakeQueue,
+                                               new_run: NewRunMaker) -> None:
+    held, lost = new_run(), new_run()
+    queue.hold(held)
+    assert reconciler.run_once().requeued == [lost.id]
+    assert queue.enqueued == [lost.id]
+
+
+def test_only_runs_past_the_grace_or_their_backoff_are_due(
+        make_reconciler: ReconcilerMaker, lifecycle: Lifecycle, store: Store,
+        queue: FakeQueue, new_run: NewRunMaker) -> None:
+    young, old = new_run(), new_run()
+    set_run(store, old.id, created_at=past(120))
+    waiting, done_waiting = running(lifecycle, new_run()), running(lifecycle, new_run())
+    for run, at in ((waiting, utcnow() + timedelta(hours=1)), (done_waiting, past(1))):
+        assert lifecycle.finish(run.id, 1, Finish(RunStatus.QUEUED, exit_code=75,
+                                                  error_code=ErrorCode.NONZERO_EXIT,
+                                                  next_attempt_at=at))
+    report = make_reconciler(grace_seconds=60).run_once()
+    assert sorted(report.requeued) == sorted([old.id, done_waiting.id])
+    assert young.id not in queue.enqueued and waiting.id not in queue.enqueued
+    assert (done_waiting.id, 2) in queue.jobs  # its next attempt, not the one that failed
+
+
+# Leftover containers --------------------------------------------------------------------
+
+def test_leftover_containers_are_removed_and_the_live_one_kept(
+        reconciler: Reconciler, lifecycle: Lifecycle, store: Store, sandbox: FakeSandbox,
+        new_run: NewRunMaker) -> None:
+    finished = running(lifecycle, new_run())
+    assert lifecycle.finish(finished.id, 1, Finish(RunStatus.SUCCEEDED, exit_code=0))
+    live = running(lifecycle, new_run())
+    assert lifecycle.finish(live.id, 1, Finish(RunStatus.QUEUED, exit_code=75,
+                                               error_code=ErrorCode.NONZERO_EXIT))
+    live = running(lifecycle, current(store, live.id), attempt=2)
+    leftovers = [
+        sandbox.add_container(run_id=finished.id, attempt=1),
+        sandbox.add_container(run_id="0" * 36, attempt=1),  # a run this database lacks
+        sandbox.add_container(run_id=live.id, attempt=1),  # the attempt before
+    ]
+    kept = [
+        sandbox.add_container(run_id=live.id, attempt=2),  # the live attempt's own
+        sandbox.add_container(run_id=finished.id, attempt=1, managed=False),  # not ours
+        sandbox.add_container(run_id=finished.id, attempt=1, instance="another-runner"),
+    ]
+    report = reconciler.run_once()
+    assert sorted(report.removed_containers) == sorted(leftovers)
+    assert sorted(sandbox.removed) == sorted(leftovers)
+    assert set(sandbox.containers) == set(kept)
+    assert report.expired == []
+
+
+def test_a_container_younger_than_the_grace_is_kept(make_reconciler: ReconcilerMaker,
+                                                    sandbox: FakeSandbox) -> None:
+    young = sandbox.add_container(run_id="0" * 36, attempt=1, created=time.time())
+    old = sandbox.add_container(run_id="0" * 36, attempt=1, created=time.time() - 600)
+    assert make_reconciler(grace_seconds=60).run_once().removed_containers == [old]
+    assert young in sandbox.containers
+
+
+# The lock and Redis ---------------------------------------------------------------------
+
+def test_the_lock_held_elsewhere_skips_the_pass(reconciler: Reconciler,
+                                                lifecycle: Lifecycle, store: Store,
+                                                sandbox: FakeSandbox, queue: FakeQueue,
+                                                new_run: NewRunMaker) -> None:
+    expired, due = running(lifecycle, new_run()), new_run()
+    set_run(store, expired.id, lease_expires_at=past(5))
+    leftover = sandbox.add_container(run_id="0" * 36, attempt=1)
+    queue.lock_holder = "another-worker"
+    report = reconciler.run_once()
+    assert report.skipped is True and not report
+    assert current(store, expired.id).status is RunStatus.RUNNING
+    assert queue.enqueued == [] and leftover in sandbox.containers
+    assert queue.lock_holder == "another-worker" and queue.unlocked == []
+    assert due.id not in queue.enqueued
+
+
+def test_the_lock_is_released_after_a_pass(reconciler: Reconciler,
+                                           queue: FakeQueue) -> None:
+    report = reconciler.run_once()
+    assert report.skipped is False
+    assert queue.lock_holder is None and len(queue.unlocked) == 1
+
+
+def test_with_redis_down_leases_and_containers_are_still_recovered(
+        reconciler: Reconciler, lifecycle: Lifecycle, store: Store, sandbox: FakeSandbox,
+        queue: FakeQueue, new_run: NewRunMaker) -> None:
+    expired, due = running(lifecycle, new_run()), new_run()
+    set_run(store, expired.id, lease_expires_at=past(5))
+    leftover = sandbox.add_container(run_id="0" * 36, attempt=1)
+    queue.down = True
+    report = reconciler.run_once()
+    assert report.skipped is False
+    assert report.expired == [expired.id]
+    assert report.removed_containers == [leftover]
+    assert report.requeued == [] and queue.enqueued == []
+    queue.down = False  # Redis is back: the next pass enqueues what is due
+    assert sorted(reconciler.run_once().requeued) == sorted([due.id, expired.id])
