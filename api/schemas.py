@@ -111,6 +111,7 @@ class LimitsOut(BaseModel):
     pids: int
     timeout_seconds: float
     log_bytes: int
+    output_bytes: int
 
 
 class ProcessorOut(BaseModel):

@@ -49,6 +49,7 @@ _SETTINGS: tuple[tuple[str, Callable[[Processor], Any], Callable[[Any], str]], .
     ("limits.pids", lambda p: p.limits.pids, str),
     ("limits.timeout", lambda p: p.limits.timeout_seconds, seconds_text),
     ("limits.log_bytes", lambda p: p.limits.log_bytes, size_text),
+    ("limits.output_bytes", lambda p: p.limits.output_bytes, size_text),
     ("retry.max_attempts", lambda p: p.retry.max_attempts, str),
     ("retry.backoff.initial", lambda p: p.retry.backoff_initial_seconds, seconds_text),
     ("retry.backoff.max", lambda p: p.retry.backoff_max_seconds, seconds_text),

@@ -30,6 +30,9 @@ class Limits:
     pids: int = 128
     timeout_seconds: float = 300.0
     log_bytes: int = 4 * 1024**2
+    # Everything the processor may write under /run/out (result, artifacts), held
+    # while it writes; see docs/operators.md.
+    output_bytes: int = 64 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Processor:
                 "pids": self.limits.pids,
                 "timeout_seconds": self.limits.timeout_seconds,
                 "log_bytes": self.limits.log_bytes,
+                "output_bytes": self.limits.output_bytes,
             },
             "max_attempts": self.retry.max_attempts,
             "max_concurrency": self.max_concurrency,

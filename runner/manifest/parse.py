@@ -123,6 +123,8 @@ def _limits(raw: Mapping[str, Any], base: Limits) -> Limits:
             parse_duration(raw["timeout"]) if "timeout" in raw else base.timeout_seconds
         ),
         log_bytes=parse_size(raw["log_bytes"]) if "log_bytes" in raw else base.log_bytes,
+        output_bytes=(parse_size(raw["output_bytes"]) if "output_bytes" in raw
+                      else base.output_bytes),
     )
 
 
