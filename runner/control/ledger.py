@@ -60,6 +60,14 @@ class Ledger:
 
     # The reconciler's side ----------------------------------------------------------
 
+    def take_back(self, run_id: str, attempt: int, outcome: Finish, *,
+                  hold_until: datetime) -> bool:
+        """Fence an expired attempt away from its worker (`Lifecycle.take_back`)."""
+        return self.lifecycle.take_back(run_id, attempt, outcome, hold_until=hold_until)
+
+    def release_hold(self, run_id: str, attempt: int, *, due_at: datetime | None) -> bool:
+        return self.lifecycle.release_hold(run_id, attempt, due_at=due_at)
+
     def expired_leases(self) -> list[Run]:
         return self.lifecycle.expired_leases()
 

@@ -259,6 +259,30 @@ class Lifecycle:
             self._ended(RunEnded(run_id, outcome.status, attempt, outcome.error_code))
         return True
 
+    def take_back(self, run_id: str, attempt: int, outcome: Finish, *,
+                  hold_until: datetime) -> bool:
+        """The reconciler's fence: end attempt `attempt` of a run whose lease expired,
+        in one conditional write, before anything else is done to it.
+
+        Once this returns True the attempt is no longer the worker's: its heartbeats
+        answer "not owned" and its late writes match nothing. A retry is written held
+        (`next_attempt_at = hold_until`), so no other worker starts it while the old
+        container may still run; `release_hold` makes it due once that container is
+        gone (and the hold lapses by itself if the reconciler dies in between). False:
+        the lease was renewed meanwhile (the worker is alive) or the run moved on.
+        """
+        if outcome.status is Q:
+            outcome = replace(outcome, next_attempt_at=hold_until)
+        return self.finish(run_id, attempt, outcome, only_if_lease_expired=True)
+
+    def release_hold(self, run_id: str, attempt: int, *, due_at: datetime | None) -> bool:
+        """Make a run taken back by `take_back` due at `due_at` (its retry backoff)."""
+        with self.store.session() as session:
+            return rows_changed(session, update(RunRow).where(
+                RunRow.id == run_id, RunRow.attempt == attempt, RunRow.status == Q.value,
+            ).values(next_attempt_at=due_at)
+              .execution_options(synchronize_session=False)) == 1
+
     def _write_end(self, run_id: str, attempt: int, outcome: Finish,
                    conditions: list[Any], values: dict[str, Any], now: datetime) -> bool:
         """The conditional write of an attempt's end, with its attempt row and slot."""

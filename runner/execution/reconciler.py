@@ -3,9 +3,11 @@
 One pass (`runner reconcile`, at worker start, and every few seconds in each worker,
 one worker at a time through a Redis lock):
 
-1. running runs whose lease expired: their containers are killed and removed first,
-   then the run is retried as `worker_lost` (or dead-lettered, or canceled if a
-   cancel was pending), fenced on the expired lease so a live worker is never robbed;
+1. running runs whose lease expired are fenced first: one conditional write takes
+   the attempt from its worker (retried as `worker_lost` but held, dead-lettered, or
+   canceled if a cancel was pending), so a worker that renewed in the meantime keeps
+   its run and its container; then the old containers are killed and removed; then
+   a held retry is made due, so it never overlaps the container before it;
 2. queued runs that are due (a retry past its backoff, or a first attempt older than
    the grace period) but that Redis does not hold are enqueued;
 3. containers labelled by this runner whose run is finished, unknown, or on another
@@ -54,6 +56,9 @@ class Reconciler:
     stop_grace_seconds: float = 5.0
     # Short, so a worker killed while holding the lock delays the others only briefly.
     lock_seconds: float = 5.0
+    # How long a retry taken back from a lost worker waits at most for the old
+    # container's removal before it may start anyway (the reconciler died mid-way).
+    hold_seconds: float = 60.0
 
     def run_once(self) -> Report:
         """One pass; skipped when another process holds the reconciler lock."""
@@ -93,29 +98,45 @@ class Reconciler:
         return RetryPolicy()
 
     def _expire_leases(self, report: Report) -> None:
+        """Fence, then kill, then make due: the run is taken from its worker in one
+        conditional write first (a worker that renewed in between keeps it, and its
+        container), its containers are removed next, and only then may a retry start."""
         for run in self.ledger.expired_leases():
             policy = self._policy(run)
             if self.sandbox is None or policy is None:
                 continue  # without the engine we cannot be sure the container is gone
-            # The old container dies first, so the retry never overlaps it.
+            try:  # an engine that does not answer cannot make sure the container dies
+                self.sandbox.managed_containers(**{RUN_LABEL: run.id})
+            except SandboxError as exc:
+                log.warning("lease_expiry_deferred", run_id=run.id, error=exc.message)
+                continue
+            finish = self._lease_end(run, policy)
+            hold_until = utcnow() + timedelta(seconds=self.hold_seconds)
+            if not self.ledger.take_back(run.id, run.attempt, finish, hold_until=hold_until):
+                continue  # renewed meanwhile: the worker is alive and keeps its run
+            report.expired.append(run.id)
+            log.warning("lease_expired", run_id=run.id, attempt=run.attempt,
+                        worker_id=run.worker_id, now=finish.status)
             try:
                 for container in self.sandbox.managed_containers(**{RUN_LABEL: run.id}):
                     self.sandbox.remove(container["Id"])
             except SandboxError as exc:
-                log.warning("lease_expiry_deferred", run_id=run.id, error=exc.message)
+                # The retry stays held until `hold_seconds` pass; the sweep removes the
+                # container once the engine answers again.
+                log.warning("lease_expiry_kill_deferred", run_id=run.id, error=exc.message)
                 continue
-            if run.cancel_requested_at is not None:
-                finish = Finish(RunStatus.CANCELED, error_code=ErrorCode.CANCELED,
-                                error_stage="lease", error_message="canceled; its worker was lost")
-            else:
-                finish = decide(Finish(
-                    RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="lease",
-                    error_message=f"worker {run.worker_id} stopped renewing its lease"),
-                    policy=policy, attempt=run.attempt, now=utcnow())
-            if self.ledger.finish(run.id, run.attempt, finish, only_if_lease_expired=True):
-                report.expired.append(run.id)
-                log.warning("lease_expired", run_id=run.id, attempt=run.attempt,
-                            worker_id=run.worker_id, now=finish.status)
+            if finish.status is RunStatus.QUEUED:
+                self.ledger.release_hold(run.id, run.attempt, due_at=finish.next_attempt_at)
+
+    def _lease_end(self, run: Run, policy: RetryPolicy) -> Finish:
+        """What an attempt whose worker stopped renewing its lease becomes."""
+        if run.cancel_requested_at is not None:
+            return Finish(RunStatus.CANCELED, error_code=ErrorCode.CANCELED,
+                          error_stage="lease", error_message="canceled; its worker was lost")
+        return decide(Finish(
+            RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="lease",
+            error_message=f"worker {run.worker_id} stopped renewing its lease"),
+            policy=policy, attempt=run.attempt, now=utcnow())
 
 
     def requeue_due(self) -> list[str]:

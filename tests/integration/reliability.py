@@ -70,11 +70,20 @@ def blocked_on_an_empty_queue(redis_url: str, queue: str) -> bool:
 
 class _Proxy:
     """A listening socket forwarding every connection to a target; a test cuts it
-    (`down`: the listener and every open connection close) and restores it (`up`)."""
+    (`down`: the listener and every open connection close) and restores it (`up`), or
+    stalls it (`pause`: connections stay open and bytes wait) and lets it go (`resume`)."""
 
     def __init__(self) -> None:
         self._server: socket.socket | None = None
         self._conns: list[socket.socket] = []
+        self._flowing = threading.Event()
+        self._flowing.set()
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     def _listen(self) -> socket.socket:
         raise NotImplementedError
@@ -118,10 +127,10 @@ class _Proxy:
             for a, b in ((client, target), (target, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass

@@ -99,6 +99,7 @@ class FakeSandbox:
         self.calls: list[tuple[str, str]] = []  # every call in order: (method, argument)
         self.prefetched: list[list[str]] = []
         self.fail_listing: BaseException | None = None  # raised by managed_containers
+        self.fail_removal: BaseException | None = None  # raised by remove
 
     # Scripting ---------------------------------------------------------------------
 
@@ -221,6 +222,8 @@ class FakeSandbox:
             event.set()
 
     def remove(self, container_id: str) -> None:
+        if self.fail_removal is not None:
+            raise self.fail_removal
         with self._lock:
             self.calls.append(("remove", container_id))
             self.removed.append(container_id)

@@ -1,12 +1,12 @@
 """The reconciler on SQLite with a fake sandbox and a fake queue: expired leases taken
-back (containers first), due runs requeued once, leftover containers swept, and the
-lock and a Redis outage. No Docker, no Redis."""
+back (fenced first, then their containers killed, then made due), due runs requeued
+once, leftover containers swept, and the lock and a Redis outage. No Docker, no Redis."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -25,18 +25,36 @@ NO_RETRY = "{max_attempts: 1}"
 
 
 class RecordingLedger(Ledger):
-    """The real ledger, noting each finish in the fake sandbox's call log (for order)."""
+    """The real ledger, noting each write in the fake sandbox's call log (for order),
+    with a hook run just after the expired leases are read."""
 
     def __init__(self, store: Store, lifecycle: Lifecycle, calls: list[tuple[str, str]]
                  ) -> None:
         super().__init__(store, lifecycle)
         self.calls = calls
+        self.after_reading_leases: Callable[[list[Run]], None] | None = None
+
+    def expired_leases(self) -> list[Run]:
+        found = super().expired_leases()
+        if self.after_reading_leases is not None:
+            self.after_reading_leases(found)
+        return found
 
     def finish(self, run_id: str, attempt: int, outcome: Finish, *,
                only_if_lease_expired: bool = False) -> bool:
         self.calls.append(("finish", run_id))
         return super().finish(run_id, attempt, outcome,
                               only_if_lease_expired=only_if_lease_expired)
+
+    def take_back(self, run_id: str, attempt: int, outcome: Finish, *,
+                  hold_until: datetime) -> bool:
+        taken = super().take_back(run_id, attempt, outcome, hold_until=hold_until)
+        self.calls.append(("take_back" if taken else "take_back_refused", run_id))
+        return taken
+
+    def release_hold(self, run_id: str, attempt: int, *, due_at: datetime | None) -> bool:
+        self.calls.append(("release_hold", run_id))
+        return super().release_hold(run_id, attempt, due_at=due_at)
 
 
 @pytest.fixture
@@ -89,7 +107,7 @@ def current(store: Store, run_id: str) -> Run:
     (NO_RETRY, False, RunStatus.DEAD_LETTER, ErrorCode.WORKER_LOST),
     (None, True, RunStatus.CANCELED, ErrorCode.CANCELED),
 ], ids=["retried", "dead-letter", "cancel-pending"])
-def test_an_expired_lease_is_taken_back_after_its_containers_go(
+def test_an_expired_lease_is_fenced_then_killed_then_made_due(
         retry: str | None, cancel: bool, status: RunStatus, code: ErrorCode,
         make_reconciler: ReconcilerMaker, make_manifests: ManifestMaker,
         lifecycle: Lifecycle, store: Store, sandbox: FakeSandbox,
@@ -104,7 +122,13 @@ def test_an_expired_lease_is_taken_back_after_its_containers_go(
     assert report.expired == [run.id]
     assert sandbox.removed == [container]
     calls = sandbox.calls
-    assert calls.index(("remove", container)) < calls.index(("finish", run.id))
+    # Fence first (the worker can no longer renew or write), then kill the container,
+    # then (a retry only) make the run due.
+    assert calls.index(("take_back", run.id)) < calls.index(("remove", container))
+    if status is RunStatus.QUEUED:
+        assert calls.index(("remove", container)) < calls.index(("release_hold", run.id))
+    else:
+        assert ("release_hold", run.id) not in calls
     after = current(store, run.id)
     assert (after.status, after.error_code, after.error_stage) == (status, code, "lease")
     assert after.lease_expires_at is None
@@ -131,6 +155,54 @@ def test_a_live_lease_is_left_alone(reconciler: Reconciler, lifecycle: Lifecycle
     assert report.expired == [] and not report
     assert sandbox.removed == [] and container in sandbox.containers
     assert current(store, run.id) == run
+
+
+def test_a_lease_renewed_after_it_was_read_keeps_its_run_and_container(
+        make_reconciler: ReconcilerMaker, lifecycle: Lifecycle, store: Store,
+        sandbox: FakeSandbox, new_run: NewRunMaker) -> None:
+    """Regression: the reconciler removed an expired run's containers and only then
+    fenced; a worker whose heartbeat renewed the lease in between kept a run with no
+    container and dead-lettered it as internal_error."""
+    run = running(lifecycle, new_run())
+    container = sandbox.add_container(run_id=run.id, attempt=1)
+    set_run(store, run.id, lease_expires_at=past(5))
+    reconciler = make_reconciler()
+    ledger = reconciler.ledger
+    assert isinstance(ledger, RecordingLedger)
+
+    def worker_renews(found: list[Run]) -> None:
+        assert [r.id for r in found] == [run.id]  # read as expired ...
+        beat = lifecycle.heartbeat(run.id, 1, lease_seconds=60)  # ... then renewed
+        assert beat.owned
+
+    ledger.after_reading_leases = worker_renews
+    report = reconciler.run_once()
+    assert report.expired == []
+    assert ("take_back_refused", run.id) in sandbox.calls
+    assert sandbox.removed == [] and container in sandbox.containers
+    after = current(store, run.id)
+    assert (after.status, after.attempt) == (RunStatus.RUNNING, 1)
+    assert lifecycle.heartbeat(run.id, 1, lease_seconds=60).owned
+
+
+def test_a_taken_back_retry_is_held_until_its_container_is_gone(
+        make_reconciler: ReconcilerMaker, lifecycle: Lifecycle, store: Store,
+        sandbox: FakeSandbox, new_run: NewRunMaker) -> None:
+    """While the old container cannot be removed, the retry is not due (no overlap);
+    the worker's late heartbeat is told it no longer owns the attempt."""
+    run = running(lifecycle, new_run())
+    sandbox.add_container(run_id=run.id, attempt=1)
+    set_run(store, run.id, lease_expires_at=past(5))
+    reconciler = make_reconciler()
+    sandbox.fail_removal = DockerUnavailableError("engine gone", stage="remove")
+    assert reconciler.run_once().expired == [run.id]
+    held = current(store, run.id)
+    assert held.status is RunStatus.QUEUED
+    assert held.next_attempt_at is not None and held.next_attempt_at > utcnow() + timedelta(
+        seconds=reconciler.hold_seconds - 30)
+    assert lifecycle.claim(run.id, attempt=2, worker_id="other",
+                           lease_seconds=60).status is ClaimStatus.NOT_DUE
+    assert not lifecycle.heartbeat(run.id, 1, lease_seconds=60).owned
 
 
 def test_without_the_engine_an_expired_lease_waits(make_reconciler: ReconcilerMaker,
