@@ -77,6 +77,12 @@ class Ledger:
     def release_stale_slots(self) -> int:
         return self.lifecycle.release_stale_slots()
 
+    def slots_held(self) -> dict[str, int]:
+        return self.lifecycle.slots_held()
+
+    def wake_parked(self, processor: str, count: int = 1) -> int:
+        return self.lifecycle.wake_parked(processor, count)
+
     def ping(self) -> None:
         self.store.ping()
 

@@ -15,8 +15,9 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, delete, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import DateTime, and_, delete, func, literal, or_, select, union_all, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from runner.control.models import AttemptRow, RunRow, SlotRow
@@ -137,12 +138,16 @@ class Lifecycle:
         slot = None
         if max_concurrency is not None and (slot := self._take_slot(
                 run_id, processor=processor, attempt=attempt, cap=max_concurrency)) is None:
-            retry_at = now + timedelta(seconds=1)
-            with self.store.session() as session:  # the requeue pass tries again then
+            # Parked, not retried on a timer: the release of a slot wakes it (and a
+            # reconciler pass wakes parked runs of a processor with free slots, should
+            # that wake be lost).
+            with self.store.session() as session:
                 session.execute(update(RunRow).where(
                     RunRow.id == run_id, RunRow.status == Q.value,
-                    RunRow.attempt == attempt - 1).values(next_attempt_at=retry_at))
-            return Claim(ClaimStatus.AT_CAPACITY, retry_at=retry_at)
+                    RunRow.attempt == attempt - 1).values(parked_at=now)
+                    .execution_options(synchronize_session=False))
+            log.info("run_parked", run_id=run_id, processor=processor, cap=max_concurrency)
+            return Claim(ClaimStatus.AT_CAPACITY)
         if max_concurrency is not None:
             # The attempt starts once it holds a slot: a start time read before the slot
             # was taken could precede the finish of the run whose slot it inherited.
@@ -152,6 +157,7 @@ class Lifecycle:
                 RunRow.id == run_id, RunRow.status == Q.value, RunRow.attempt == attempt - 1,
                 RunRow.cancel_requested_at.is_(None),
             ).values(status=R.value, attempt=attempt, worker_id=worker_id, started_at=now,
+                     parked_at=None,
                      lease_expires_at=now + timedelta(seconds=lease_seconds),
                      next_attempt_at=None, error_code=None, error_message=None,
                      error_stage=None, exit_code=None, finished_at=None)
@@ -177,17 +183,55 @@ class Lifecycle:
 
     def _take_slot(self, run_id: str, *, processor: str, attempt: int, cap: int
                    ) -> int | None:
-        """Hold one of the processor's `cap` slots (its number, or None if all are
-        held); the table's primary key is the lock."""
-        for slot in range(cap):
-            try:
-                with self.store.session() as session:
-                    session.add(SlotRow(processor=processor, slot=slot, run_id=run_id,
-                                        attempt=attempt, taken_at=utcnow()))
-                return slot
-            except IntegrityError:
-                continue
+        """Hold one of the processor's `cap` slots: its number, or None if all are held.
+
+        One INSERT ... SELECT of the lowest free slot number, ON CONFLICT DO NOTHING:
+        at capacity it inserts nothing and raises nothing (no error line on the
+        server). Two claims picking the same free number at once: one wins, the other
+        looks again.
+        """
+        numbers = union_all(*[select(literal(n).label("n")) for n in range(cap)]).subquery()
+        held = select(SlotRow.slot).where(SlotRow.processor == processor)
+        pick = (select(literal(processor), numbers.c.n, literal(run_id), literal(attempt),
+                       literal(utcnow(), DateTime(timezone=True)))
+                .where(numbers.c.n.not_in(held)).order_by(numbers.c.n).limit(1))
+        insert = (sqlite_insert if self.store.engine.dialect.name == "sqlite" else pg_insert)
+        statement = (insert(SlotRow)
+                     .from_select(["processor", "slot", "run_id", "attempt", "taken_at"], pick)
+                     .on_conflict_do_nothing().returning(SlotRow.slot))
+        for _ in range(3):
+            with self.store.session() as session:
+                slot = session.scalar(statement)
+                if slot is not None:
+                    return int(slot)
+                count = session.scalar(select(func.count()).select_from(SlotRow)
+                                       .where(SlotRow.processor == processor)) or 0
+            if count >= cap:
+                return None
         return None
+
+    def wake_parked(self, processor: str, count: int = 1) -> int:
+        """Make the `count` longest-parked runs of `processor` due again (a slot freed)."""
+        if count <= 0:
+            return 0
+        with self.store.session() as session:
+            return self._wake(session, processor, count)
+
+    @staticmethod
+    def _wake(session: Session, processor: str, count: int) -> int:
+        oldest = (select(RunRow.id).where(RunRow.processor == processor,
+                                          RunRow.status == Q.value,
+                                          RunRow.parked_at.is_not(None))
+                  .order_by(RunRow.parked_at, RunRow.id).limit(count))
+        woken = update(RunRow).where(RunRow.id.in_(oldest)).values(
+            parked_at=None, next_attempt_at=utcnow())
+        return rows_changed(session, woken.execution_options(synchronize_session=False))
+
+    def slots_held(self) -> dict[str, int]:
+        """Slots held per processor (the reconciler wakes parked runs where some are free)."""
+        with self.store.session() as session:
+            return {p: int(n) for p, n in session.execute(
+                select(SlotRow.processor, func.count()).group_by(SlotRow.processor))}
 
     def release_stale_slots(self, *, older_than_seconds: float = 60) -> int:
         """Free slots whose attempt is not running (a worker died between two steps).
@@ -297,8 +341,13 @@ class Lifecycle:
                      exit_code=outcome.exit_code, error_code=outcome.error_code,
                      error_message=outcome.error_message, error_stage=outcome.error_stage,
                      log_bytes=outcome.log_bytes, finished_at=now))
-            session.execute(delete(SlotRow).where(SlotRow.run_id == run_id,
-                                                  SlotRow.attempt == attempt))
+            freed = rows_changed(session, delete(SlotRow).where(SlotRow.run_id == run_id,
+                                                                SlotRow.attempt == attempt))
+            if freed:
+                processor = session.scalar(select(RunRow.processor)
+                                           .where(RunRow.id == run_id))
+                if processor is not None:
+                    self._wake(session, processor, freed)
         return True
 
     def _cancel_pending(self, run_id: str, attempt: int) -> bool:
@@ -375,6 +424,7 @@ class Lifecycle:
         with self.store.session() as session:
             rows = session.scalars(select(RunRow).where(
                 RunRow.status == Q.value, RunRow.cancel_requested_at.is_(None),
+                RunRow.parked_at.is_(None),
                 or_(and_(RunRow.next_attempt_at.is_(None), RunRow.created_at < older_than),
                     RunRow.next_attempt_at <= now),
             ).order_by(RunRow.next_attempt_at.is_(None), RunRow.next_attempt_at,

@@ -65,12 +65,17 @@ class RunRow(Base):
     replay_of: Mapped[str | None] = mapped_column(String(36), nullable=True)
     # W3C traceparent of the request that submitted the run: every attempt continues it.
     traceparent: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Set while a queued run waits for a free slot of its processor (max_concurrency):
+    # a parked run is not enqueued; a slot's release wakes the oldest parked run.
+    parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                       nullable=True)
 
     __table_args__ = (
         Index("ix_runs_tenant_id", "tenant", "id"),
         Index("ix_runs_tenant_status_id", "tenant", "status", "id"),
         Index("ix_runs_tenant_processor_id", "tenant", "processor", "id"),
         Index("ix_runs_status", "status"),
+        Index("ix_runs_processor_parked", "processor", "parked_at"),
         UniqueConstraint("tenant", "idempotency_key", name="uq_runs_tenant_idempotency_key"),
     )
 

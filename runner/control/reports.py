@@ -56,6 +56,15 @@ class StoreReports:
 
     # Runs by status --------------------------------------------------------------
 
+    def count_parked(self: HasSessions, processor: str | None = None) -> int:
+        """Queued runs parked until a slot of their processor frees (max_concurrency)."""
+        query = select(func.count()).select_from(RunRow).where(
+            RunRow.status == RunStatus.QUEUED.value, RunRow.parked_at.is_not(None))
+        if processor is not None:
+            query = query.where(RunRow.processor == processor)
+        with self.session() as session:
+            return int(session.scalar(query) or 0)
+
     def count_runs_by_status(self: HasSessions, *, statuses: Collection[str] | None = None,
                              processor: str | None = None) -> dict[str, int]:
         """Number of runs per status, only statuses that have runs (in database order).

@@ -159,6 +159,18 @@ class Reconciler:
     def _requeue(self, report: Report) -> None:
         report.requeued += self.requeue_due()
         self.ledger.release_stale_slots()
+        self._wake_parked()
+
+    def _wake_parked(self) -> None:
+        """Wake parked runs of each capped processor that has free slots: the release
+        of a slot wakes one itself, so this only catches a wake that was lost (a
+        slot freed between a claim's look and its parking, or a crash)."""
+        held = self.ledger.slots_held()
+        for processor in self.manifests.current().processors:
+            if processor.max_concurrency is not None:
+                free = processor.max_concurrency - held.get(processor.name, 0)
+                if free > 0:
+                    self.ledger.wake_parked(processor.name, free)
 
     def _sweep_containers(self, report: Report) -> None:
         if self.sandbox is None:

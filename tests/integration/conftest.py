@@ -264,6 +264,7 @@ def rel_entries(published: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
                                      "backoff": {"initial": "2s", "max": "2s"},
                                      "on": ["timeout"]}),
         "capped": like("sleep", name="capped", max_concurrency=2),
+        "capped5": like("echo", name="capped5", max_concurrency=5),
         "docker-flaky": like("echo", name="docker-flaky",
                              retry={"max_attempts": 5, "backoff": {"initial": "1s",
                                                                    "max": "1s"},

@@ -239,6 +239,10 @@ def slot_count(store: Store) -> int:
         return int(session.scalar(select(func.count()).select_from(SlotRow)) or 0)
 
 
+def due_ids(lifecycle: Lifecycle) -> set[str]:
+    return {r.id for r in lifecycle.due_queued(older_than=utcnow() + timedelta(seconds=1))}
+
+
 def test_max_concurrency_caps_running_attempts(lifecycle: Lifecycle, store: Store,
                                                new_run: NewRunMaker) -> None:
     first, second = new_run(), new_run()
@@ -246,16 +250,58 @@ def test_max_concurrency_caps_running_attempts(lifecycle: Lifecycle, store: Stor
     full = lifecycle.claim(second.id, attempt=1, worker_id="w", lease_seconds=LEASE,
                            max_concurrency=1)
     assert full.status is ClaimStatus.AT_CAPACITY
-    assert full.retry_at is not None
     waiting = current(store, second.id)
     assert waiting.status is Q and waiting.attempt == 0
-    assert waiting.next_attempt_at == full.retry_at  # the requeue pass tries it then
+    # Parked: not due, so the requeue pass does not enqueue it again and again.
+    assert second.id not in due_ids(lifecycle)
     assert slot_count(store) == 1
     assert lifecycle.finish(first.id, 1, finish_as(RunStatus.SUCCEEDED))
-    assert slot_count(store) == 0  # the finish frees its slot
-    set_run(store, second.id, next_attempt_at=past(1))
+    assert slot_count(store) == 0  # the finish frees its slot ...
+    assert second.id in due_ids(lifecycle)  # ... and wakes the parked run
     claim(lifecycle, current(store, second.id), max_concurrency=1)
     assert slot_count(store) == 1
+
+
+def test_a_saturated_processor_parks_without_a_failed_insert(
+        lifecycle: Lifecycle, store: Store, new_run: NewRunMaker) -> None:
+    """Regression: each claim at capacity cost `max_concurrency` failed INSERTs (an
+    ERROR line each on PostgreSQL) about every second, per queued run."""
+    for _ in range(3):
+        claim(lifecycle, new_run(), max_concurrency=3)
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    sqlalchemy_event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        parked = [new_run() for _ in range(5)]
+        for run in parked:
+            got = lifecycle.claim(run.id, attempt=1, worker_id="w", lease_seconds=LEASE,
+                                  max_concurrency=3)
+            assert got.status is ClaimStatus.AT_CAPACITY
+    finally:
+        sqlalchemy_event.remove(store.engine, "before_cursor_execute", seen)
+    inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT")]
+    assert len(inserts) <= 3 * len(parked)  # at most a few tries each, none raising
+    assert not due_ids(lifecycle) & {r.id for r in parked}
+
+
+def test_each_freed_slot_wakes_the_longest_parked_run(lifecycle: Lifecycle, store: Store,
+                                                      new_run: NewRunMaker) -> None:
+    busy = [claim(lifecycle, new_run(), max_concurrency=2) for _ in range(2)]
+    parked = []
+    for _ in range(3):
+        run = new_run()
+        assert lifecycle.claim(run.id, attempt=1, worker_id="w", lease_seconds=LEASE,
+                               max_concurrency=2).status is ClaimStatus.AT_CAPACITY
+        parked.append(run)
+    assert lifecycle.finish(busy[0].id, 1, finish_as(RunStatus.SUCCEEDED))
+    assert due_ids(lifecycle) == {parked[0].id}
+    assert lifecycle.finish(busy[1].id, 1, finish_as(RunStatus.FAILED))
+    assert due_ids(lifecycle) == {parked[0].id, parked[1].id}
+    assert lifecycle.wake_parked("echo", 5) == 1  # the reconciler's safety net
+    assert due_ids(lifecycle) == {r.id for r in parked}
 
 
 def test_stale_slots_are_released_but_live_ones_kept(lifecycle: Lifecycle, store: Store,
