@@ -5,7 +5,7 @@ VENV := var/venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: bootstrap services images demo down test lint typecheck unit integration bench clean ops-test bench-scale
+.PHONY: bootstrap services images demo down test lint typecheck unit integration bench clean ops-test bench-scale bench-hostile
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -47,6 +47,10 @@ bench: services images
 # Scale: list latency at 100,000 runs, worker memory over 1,000 runs, a 1 GB log flood.
 bench-scale: services images
 	@$(BIN)/python bench/scale.py
+
+# Hostile processors and clients against a real stack: held or not, with the figure.
+bench-hostile: services images
+	@$(BIN)/python bench/hostile.py
 
 # docker-compose stack end to end, and every runbook's commands against a real stack.
 ops-test: services images

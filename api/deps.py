@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -13,6 +14,7 @@ from runner.control.notify import EndWatcher, RunEndNotice
 from runner.control.queue import RunQueue
 from runner.control.ratelimit import RateLimiter
 from runner.control.store import Store
+from runner.errors import RateLimitedError, ServiceUnavailableError
 from runner.manifest import ManifestSource
 from runner.observability.telemetry import build_tracer_provider, tracer_of
 from runner.settings import Settings
@@ -29,10 +31,40 @@ class Services:
     lifecycle: Lifecycle
     tracer: trace.Tracer = field(default_factory=trace.NoOpTracer)
     long_polls: int = 0  # GET ?wait= requests being held now (event loop only)
+    # Log follows streaming now, per key (event loop only): `hold_follow`.
+    follows: Counter[str] = field(default_factory=Counter)
     ends: EndWatcher = field(init=False)  # wakes held long polls
 
     def __post_init__(self) -> None:
         self.ends = EndWatcher(self.settings.redis_url, self.settings.instance)
+
+    FOLLOW_RETRY_SECONDS = 5
+
+    def hold_follow(self, key_id: str) -> None:
+        """Take one of the follow streams a key, and this process, may hold at once.
+        Called on the event loop, like `release_follow`, so the counts need no lock.
+
+        Raises:
+            RateLimitedError: the key already holds RUNNER_FOLLOW_MAX_PER_KEY (429).
+            ServiceUnavailableError: the process holds RUNNER_FOLLOW_MAX_PER_PROCESS (503).
+        """
+        per_key, per_process = (self.settings.follow_max_per_key,
+                                self.settings.follow_max_per_process)
+        if self.follows[key_id] >= per_key:
+            raise RateLimitedError(
+                f"this API key already follows {per_key} log streams at once; close one "
+                f"or retry after {self.FOLLOW_RETRY_SECONDS}s",
+                retry_after=self.FOLLOW_RETRY_SECONDS)
+        if self.follows.total() >= per_process:
+            raise ServiceUnavailableError(
+                f"this API process already serves {per_process} log follows; retry after "
+                f"{self.FOLLOW_RETRY_SECONDS}s", retry_after=self.FOLLOW_RETRY_SECONDS)
+        self.follows[key_id] += 1
+
+    def release_follow(self, key_id: str) -> None:
+        self.follows[key_id] -= 1
+        if self.follows[key_id] <= 0:
+            del self.follows[key_id]
 
     @classmethod
     def build(cls, settings: Settings, *, tracer: trace.Tracer | None = None) -> Services:
@@ -40,7 +72,9 @@ class Services:
         queue = RunQueue.from_url(settings.redis_url)
         if tracer is None:
             tracer = tracer_of(build_tracer_provider(settings, "api"))
-        store = Store(settings.database_url)
+        store = Store(settings.database_url, pool_size=settings.api_database_pool_size,
+                      max_overflow=settings.api_database_max_overflow,
+                      pool_timeout=settings.api_database_pool_timeout_seconds)
         # Every final status written through the API (a cancel of a queued run) wakes
         # the long polls of every API process, as a worker's writes do.
         lifecycle = Lifecycle(store, listeners=[RunEndNotice(queue.redis, settings.instance)])

@@ -75,6 +75,8 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         if status == 429:
             headers = {"Retry-After": str(exc.context.get("retry_after", 1))}
+        elif status == 503 and "retry_after" in exc.context:
+            headers = {"Retry-After": str(exc.context["retry_after"])}
         return error_response(request, status, exc.code, exc.message,
                       field=exc.context.get("field"), headers=headers)
 

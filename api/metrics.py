@@ -3,6 +3,9 @@ no tenant data). One registry per app, so several apps in one process do not cla
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -17,22 +20,37 @@ if TYPE_CHECKING:
     from api.deps import Services
 
 
-class _RunsCollector(Collector):
-    """Runs by status, from the database at scrape time (the fleet-wide view)."""
+class RunsCollector(Collector):
+    """Runs by status, from the database (the fleet-wide view), at most once every
+    `ttl` seconds: `/metrics` needs no key, so a scraper (or anyone) calling it in a
+    loop must not make the database count every run each time."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, store: Store, ttl: float = 15.0) -> None:
+        self.store, self.ttl = store, ttl
+        self._counts: dict[str, int] = {}
+        self._up = 0
+        self._read_at = -math.inf
+        self._lock = threading.Lock()
+
+    def _current(self) -> tuple[dict[str, int], int]:
+        with self._lock:  # one count at a time; concurrent scrapes share it
+            if time.monotonic() - self._read_at >= self.ttl:
+                try:
+                    self._counts, self._up = self.store.count_runs_by_status(), 1
+                except Exception:  # noqa: BLE001 - a scrape must not fail with the database
+                    self._up = 0
+                self._read_at = time.monotonic()
+            return self._counts, self._up
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        runs = GaugeMetricFamily("runner_runs", "Runs by status (all tenants)",
-                                 labels=["status"])
-        up = GaugeMetricFamily("runner_database_up", "1 when the database answered this scrape")
-        try:
-            for status, count in self.store.count_runs_by_status().items():
-                runs.add_metric([status], count)
-            up.add_metric([], 1)
-        except Exception:  # noqa: BLE001 - a scrape must not fail with the database
-            up.add_metric([], 0)
+        runs = GaugeMetricFamily("runner_runs", f"Runs by status (all tenants), "
+                                 f"counted at most every {self.ttl:g}s", labels=["status"])
+        up = GaugeMetricFamily("runner_database_up", "1 when the database answered its "
+                               "last count")
+        counts, answered = self._current()
+        for status, count in counts.items():
+            runs.add_metric([status], count)
+        up.add_metric([], answered)
         yield runs
         yield up
 
@@ -54,6 +72,6 @@ class ApiMetrics:
             names.update(p.queue for p in manifests.current().processors if p.queue)
             return sorted(names)
 
-        self.registry.register(_RunsCollector(services.store))
+        self.registry.register(RunsCollector(services.store))
         self.registry.register(ManifestCollector(manifests))
         self.registry.register(QueueDepthCollector(services.queue.redis, queues))

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
 from opentelemetry import trace
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from api.auth import Principal, submitter, viewer
 from api.deps import Services, services
@@ -23,24 +26,63 @@ from api.schemas import (
     ProcessorOut,
     RunCreate,
     RunList,
+    RunListItem,
     RunOut,
 )
 from runner.control.runs import Submission, replay, submit
+from runner.control.store import RUN_VALUES, is_run_id
+from runner.control.strictjson import strict_loads
 from runner.domain import Run, RunStatus
-from runner.errors import InvalidRequestError, NotFoundError
+from runner.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from runner.observability.telemetry import traceparent
 
-router = APIRouter(prefix="/v1", responses={
+log = structlog.get_logger(__name__)
+
+
+class StrictJsonRequest(Request):
+    """A request whose JSON body is read by `strict_loads`: an integer too long for
+    Python's int() becomes a marker, not a ValueError (which FastAPI answers as an
+    unparseable body), so `check_input` can refuse it, and NaN or an infinity, naming
+    `input` (runner/control/strictjson.py)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = strict_loads(await self.body())
+        return self._json
+
+
+class StrictJsonRoute(APIRoute):
+    """A route that reads JSON bodies with `StrictJsonRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJsonRequest(request.scope, request.receive))
+
+        return strict
+
+
+router = APIRouter(prefix="/v1", route_class=StrictJsonRoute, responses={
     401: {"model": ErrorOut, "description": "Missing, unknown or revoked API key"},
     403: {"model": ErrorOut, "description": "The key's role does not allow this"},
     422: {"model": ErrorOut, "description": "Invalid request"},
     429: {"model": ErrorOut, "description": "Rate limit or quota reached; see Retry-After",
           "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+    503: {"model": ErrorOut, "description": "Database unavailable or busy, or too many log "
+                                            "follows; see Retry-After when present",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
 })
 
 FOLLOW_POLL_SECONDS = 0.25
+FOLLOW_READ_BYTES = 1024 * 1024  # the most a follow reads (and sends) in one step
+LOG_READ_MAX_BYTES = 2**62  # a plain read answers everything from its offset on
 TAIL_LINES = 20
 TAIL_BYTES = 16 * 1024
+# A list item carries `input` and `result` only when asked for (?include=), and then
+# only each one of at most this many bytes as stored: a page of 200 runs stays small
+# however large its runs' values are (GET /v1/runs/{id} has them whole).
+LIST_VALUE_MAX_BYTES = 64 * 1024
 
 
 def _count_submission(svc: Services, who: Principal) -> None:
@@ -76,10 +118,19 @@ MAX_LONG_POLLS = 64  # per API process; each holds no thread between its checks
 
 
 def _run_or_404(svc: Services, run_id: str, who: Principal) -> Run:
+    if not is_run_id(run_id):  # not even shaped like an id: the database is not asked
+        raise NotFoundError("no such run: not a run id")
     run = svc.store.get_run(run_id, tenant=who.tenant)
     if run is None:
         raise NotFoundError(f"no run {run_id}")
     return run
+
+
+def _no_nul(value: str | None, field: str) -> None:
+    """Raises: InvalidRequestError for a NUL character, which no stored text holds
+    (and PostgreSQL refuses to compare with)."""
+    if value is not None and "\x00" in value:
+        raise InvalidRequestError(f"{field}: a NUL character is not allowed", field=field)
 
 
 @router.post("/runs", status_code=202, response_model=RunOut,
@@ -116,21 +167,34 @@ def list_runs(who: Annotated[Principal, Depends(viewer)],
                   max_length=40, json_schema_extra={"format": "date-time"})] = None,
               created_before: Annotated[str | None, Query(
                   max_length=40, json_schema_extra={"format": "date-time"})] = None,
+              include: Annotated[str | None, Query(
+                  max_length=32, pattern=r"^(input|result)(,(input|result))?$",
+                  description="`input`, `result` or `input,result`: put these values in "
+                              "the items (each only up to 64 KiB as stored; `omitted` "
+                              "names those left out)")] = None,
               ) -> RunList:
-    """The caller's tenant's runs, newest first; pass `next_cursor` back for more."""
+    """The caller's tenant's runs, newest first; pass `next_cursor` back for more.
+
+    Items leave `input` and `result` out (null, named in `omitted`) unless `include`
+    asks for them."""
+    _no_nul(processor, "processor")
     labels: dict[str, str] = {}
     for item in label or []:
+        _no_nul(item, "label")
         key, sep, value = item.partition("=")
         if not sep or not key or len(item) > 320:
             raise InvalidRequestError(f"label filter {item[:80]!r} is not key=value",
                                       field="label")
         labels[key] = value
-    runs, next_cursor = svc.store.list_runs(
+    values = [v for v in RUN_VALUES if v in (include or "").split(",")]
+    page = svc.store.list_page(
         tenant=who.tenant, status=status.value if status else None, processor=processor,
         limit=limit, cursor=cursor, labels=labels,
         created_after=_timestamp(created_after, "created_after"),
-        created_before=_timestamp(created_before, "created_before"))
-    return RunList(items=[RunOut.of(r) for r in runs], next_cursor=next_cursor)
+        created_before=_timestamp(created_before, "created_before"),
+        values=values, value_max_bytes=LIST_VALUE_MAX_BYTES)
+    return RunList(items=[RunListItem.of(r, omitted=list(page.left_out.get(r.id, ())))
+                          for r in page.runs], next_cursor=page.next_cursor)
 
 
 @router.get("/runs/{run_id}", response_model=RunOut,
@@ -176,7 +240,7 @@ def _run_view(svc: Services, run: Run) -> RunOut:
     tail = None
     if run.status is RunStatus.DEAD_LETTER:
         start = max(0, run.log_bytes - TAIL_BYTES)
-        text = svc.store.read_logs(run.id, offset=start).decode(errors="replace")
+        text = svc.store.read_logs_since(run.id, start, TAIL_BYTES).decode(errors="replace")
         tail = text.splitlines()[-TAIL_LINES:]
     attempts = [AttemptOut(**a) for a in svc.store.attempts(run.id)]
     receipts = [a.provenance for a in attempts if a.provenance]
@@ -217,31 +281,83 @@ async def get_logs(run_id: str, who: Annotated[Principal, Depends(viewer)],
                    svc: Annotated[Services, Depends(services)],
                    offset: Annotated[int, Query(ge=0)] = 0,
                    follow: bool = False) -> Response:
-    """The run's captured output from byte `offset`; `follow=true` streams until it ends."""
+    """The run's captured output from byte `offset`; `follow=true` streams until it ends.
+
+    A key may follow RUNNER_FOLLOW_MAX_PER_KEY runs at once (429 past that), a process
+    RUNNER_FOLLOW_MAX_PER_PROCESS (503), both with Retry-After."""
     run = await run_in_threadpool(_run_or_404, svc, run_id, who)
     headers = {"X-Log-Truncated": str(run.log_truncated).lower()}
     if not follow:
-        data = await run_in_threadpool(svc.store.read_logs, run_id, offset=offset)
+        # Only the chunks past `offset` are read: a client polling with the offset it
+        # got last time costs what is new, not the whole log again.
+        data = await run_in_threadpool(svc.store.read_logs_since, run_id, offset,
+                                       LOG_READ_MAX_BYTES)
         headers["X-Log-Next-Offset"] = str(offset + len(data))
         return Response(data, media_type="text/plain; charset=utf-8", headers=headers)
+    svc.hold_follow(who.key_id)  # on the event loop, as is every release
+    released = False
 
-    async def stream() -> AsyncIterator[bytes]:
-        # Bounded, so an idle follower cannot hold a connection forever; clients
-        # resume with ?offset= (X-Log-Next-Offset of a plain read tells where).
-        position = offset
-        deadline = time.monotonic() + svc.settings.follow_max_seconds
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            svc.release_follow(who.key_id)
+
+    return _HeldStream(_follow(svc, who, run_id, offset), release=release,
+                       media_type="text/plain; charset=utf-8", headers=headers)
+
+
+async def _follow(svc: Services, who: Principal, run_id: str,
+                  offset: int) -> AsyncIterator[bytes]:
+    """New output of the run as it is stored, until the run has ended.
+
+    Bounded, so an idle follower cannot hold a connection forever; clients resume
+    with ?offset= (X-Log-Next-Offset of a plain read tells where). Each step reads
+    only the chunks past what was sent, at most FOLLOW_READ_BYTES; every
+    RUNNER_FOLLOW_KEY_CHECK_SECONDS the key is checked again, and a revoked one ends
+    the stream. A database that fails mid-stream ends it too (the client resumes).
+    """
+    settings = svc.settings
+    position = offset
+    deadline = time.monotonic() + settings.follow_max_seconds
+    key_checked = time.monotonic()
+    try:
         while time.monotonic() < deadline:
-            current = await run_in_threadpool(svc.store.get_run, run_id)
-            data = await run_in_threadpool(svc.store.read_logs, run_id, offset=position)
+            if time.monotonic() - key_checked >= settings.follow_key_check_seconds:
+                if not await run_in_threadpool(svc.keys.is_active, who.key_id):
+                    log.info("follow_key_revoked", run_id=run_id, key_id=who.key_id)
+                    return
+                key_checked = time.monotonic()
+            # The status first: output stored before the run ended is read after it.
+            status = await run_in_threadpool(svc.store.run_status, run_id)
+            data = await run_in_threadpool(svc.store.read_logs_since, run_id, position,
+                                           FOLLOW_READ_BYTES)
             if data:
                 position += len(data)
                 yield data
-            if current is None or current.status.terminal:
+                if len(data) == FOLLOW_READ_BYTES:
+                    continue  # more is stored already: no pause
+            if status is None or RunStatus(status).terminal:
                 return
             await asyncio.sleep(FOLLOW_POLL_SECONDS)
+    except ServiceUnavailableError as exc:
+        log.warning("follow_ended", run_id=run_id, error=exc.message)
 
-    return StreamingResponse(stream(), media_type="text/plain; charset=utf-8",
-                             headers=headers)
+
+class _HeldStream(StreamingResponse):
+    """A follow's response: gives its slot back however the response ends (done,
+    client gone, cancelled), and even when the stream never started."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, release: Callable[[], None],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 @router.get("/processors", response_model=ProcessorList)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -85,7 +85,7 @@ class RunOut(BaseModel):
                     "and security settings the engine reports it applied")
 
     @classmethod
-    def of(cls, run: Run, **extra: Any) -> RunOut:
+    def of(cls, run: Run, **extra: Any) -> Self:
         return cls(
             next_attempt_at=run.next_attempt_at if run.status is RunStatus.QUEUED else None,
             error_stage=run.error_stage, cancel_requested=run.cancel_requested_at is not None,
@@ -100,8 +100,19 @@ class RunOut(BaseModel):
         )
 
 
+class RunListItem(RunOut):
+    """A run in a list: `input` and `result` are null unless asked for with `?include=`,
+    or when over the list's cap; `omitted` then names them."""
+
+    omitted: list[str] = Field(
+        default_factory=list,
+        description="The values left out of this item (null here): `input` and `result` "
+                    "unless `include` asks for them, and any asked for that is over "
+                    "64 KiB as stored. GET /v1/runs/{id} has them whole")
+
+
 class RunList(BaseModel):
-    items: list[RunOut]
+    items: list[RunListItem]
     next_cursor: str | None
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import yaml
 
 # The repository root, for tests.support (as bench/suite.py and bench/scale.py do).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,6 +30,7 @@ from runner.authoring.publish import publish
 from runner.control.keys import Keys
 from runner.control.store import Store
 from runner.domain import Role
+from runner.manifest.parse import dump_manifest
 from runner.sandbox import INSTANCE_LABEL, MANAGED_LABEL
 from runner.settings import load_settings
 from tests.support.net import free_port
@@ -69,8 +69,7 @@ class Stack:
         try:
             self.redis = RedisServer(self.dir)
             self.manifest = self.dir / "manifest.yaml"
-            self.manifest.write_text(yaml.safe_dump({"version": 1, "processors": entries},
-                                                    sort_keys=False))
+            self.manifest.write_text(dump_manifest({"version": 1, "processors": entries}))
             self.queue = f"{queue}-{self.tag}"
             self.settings = load_settings(database_url=self.database_url,
                                           redis_url=self.redis.url, manifest=self.manifest,

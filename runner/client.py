@@ -78,7 +78,12 @@ class RunnerClient:
         return run
 
     def runs(self, **filters: Any) -> dict[str, Any]:
+        """A page of runs. Items carry `input` and `result` only when asked for:
+        `include=["input", "result"]` (or `"input,result"`), each up to the server's
+        cap; `omitted` in an item names what was left out (`run(id)` has it whole)."""
         params = {k: v for k, v in filters.items() if v is not None}
+        if isinstance(params.get("include"), list | tuple | set | frozenset):
+            params["include"] = ",".join(params["include"])
         page: dict[str, Any] = self._request("GET", "/v1/runs", params=params).json()
         return page
 

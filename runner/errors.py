@@ -131,6 +131,12 @@ class DigestMismatchError(SandboxError):
     error_code = ErrorCode.DIGEST_MISMATCH
 
 
+class ImageNotAllowedError(SandboxError):
+    """The pinned image is not allowed to run (it declares a `VOLUME`)."""
+
+    error_code = ErrorCode.IMAGE_NOT_ALLOWED
+
+
 class SandboxMismatchError(SandboxError):
     """The created container's settings, read back from the engine, are not the ones
     asked for: it is removed before it starts."""

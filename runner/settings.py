@@ -58,12 +58,34 @@ class Settings(BaseSettings):
     tenant_submissions_per_minute: int = Field(default=600, ge=0)
     tenant_max_active_runs: int = Field(default=1000, ge=0)
     follow_max_seconds: float = Field(default=600.0, gt=0)
+    # Log follows (GET .../logs?follow=true) held open at once, per API key and per API
+    # process; past either the answer is 429 / 503 with Retry-After.
+    follow_max_per_key: int = Field(default=4, ge=1)
+    follow_max_per_process: int = Field(default=64, ge=1)
+    # How often a follow checks that its key is still valid (a revoked key's streams
+    # end within this).
+    follow_key_check_seconds: float = Field(default=5.0, gt=0)
+    # Failed authentications (a key looked up and refused) per client address per
+    # minute; the one that reaches it makes the address 429 for a minute. 0 = off.
+    auth_failures_per_minute: int = Field(default=20, ge=0)
+    # The API's PostgreSQL connection pool: kept open, extra under load, and how long
+    # a request waits for a free one before 503 with Retry-After.
+    api_database_pool_size: int = Field(default=10, ge=1)
+    api_database_max_overflow: int = Field(default=10, ge=0)
+    api_database_pool_timeout_seconds: float = Field(default=30.0, gt=0)
 
     lease_seconds: float = Field(default=15.0, gt=0)
     heartbeat_seconds: float = Field(default=1.0, gt=0)
     drain_timeout_seconds: float = Field(default=60.0, ge=0)
     reconcile_interval_seconds: float = Field(default=5.0, gt=0)
     reconcile_grace_seconds: float = Field(default=10.0, ge=0)
+    # Runs (with their attempts and logs) that ended more than this many days ago are
+    # deleted by the reconciler, a batch per pass; 0 keeps them for ever.
+    retention_days: float = Field(default=0.0, ge=0)
+    # "required": a worker that cannot bound /run at output_bytes (not root, a remote or
+    # userns engine, a container with only the socket) refuses to start. "off": it runs
+    # processors unbounded on a plain volume instead, with a warning at start.
+    run_output_bound: Literal["required", "off"] = "required"
 
     # Each worker's /metrics, /healthz and /readyz; 0 = off. Under --concurrency N,
     # worker i of the supervisor listens on worker_port + i - 1.
@@ -86,7 +108,8 @@ class Settings(BaseSettings):
     @field_validator("stop_grace_seconds", "pull_timeout_seconds", "lease_seconds",
                      "heartbeat_seconds", "drain_timeout_seconds",
                      "reconcile_interval_seconds", "reconcile_grace_seconds",
-                     "follow_max_seconds", mode="before")
+                     "follow_max_seconds", "follow_key_check_seconds",
+                     "api_database_pool_timeout_seconds", mode="before")
     @classmethod
     def _duration(cls, value: object) -> float:
         if isinstance(value, int | float | str):

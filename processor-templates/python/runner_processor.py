@@ -26,11 +26,20 @@ def read_input():
 def write_result(value):
     """Store a JSON value as the run's result (size-capped by the runner, 1 MiB by default).
 
+    The result must be strict JSON: a float NaN or infinity raises ValueError here,
+    in the processor, rather than failing the run later as `invalid_output`. (The
+    runner also refuses integers outside the 64-bit range and nesting over 128 levels.)
     Written to a temporary file and renamed, so a half-written result is never seen.
     """
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"write_result: the result is not strict JSON ({exc}); "
+                         "NaN and Infinity have no JSON form: write null or a string "
+                         "instead") from exc
     tmp = RESULT_PATH + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle)
+        handle.write(text)
     os.replace(tmp, RESULT_PATH)
 
 

@@ -12,7 +12,6 @@ defaults, or, with `manifest=`, exactly those of the operator's manifest entry.
 
 from __future__ import annotations
 
-import re
 import secrets
 import threading
 from collections.abc import Callable, Mapping
@@ -22,20 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import docker.errors
-import yaml
 
-from runner.authoring.publish import ProcessorDir, allowlist_entry, build
+from runner.authoring.publish import ProcessorDir, build, entry_settings
 from runner.control.retry import decide
 from runner.control.runs import check_input
 from runner.domain import Finish, RunStatus
 from runner.errors import (
     InvalidRequestError,
-    ManifestError,
     UnknownProcessorError,
 )
 from runner.execution.classify import classify
 from runner.execution.wiring import sandbox_config
-from runner.manifest import Limits, Processor, RetryPolicy, load_manifest, parse_manifest
+from runner.manifest import Limits, Processor, RetryPolicy, load_manifest
 from runner.manifest.diff import seconds_text, size_text
 from runner.sandbox import (
     Outcome,
@@ -49,17 +46,11 @@ from runner.settings import Settings
 # reconciler ever mistakes one for a leftover of its own and removes it mid-run.
 LOCAL_INSTANCE = "local-run"
 LOCAL_LABEL = "io.container-runner.local-run"
-_PLACEHOLDER = "sha256:" + "0" * 64
 
 
 def local_config(settings: Settings) -> SandboxConfig:
     """The workers' sandbox settings (user, /tmp size, stop grace, result cap)."""
     return replace(sandbox_config(settings), instance=LOCAL_INSTANCE, allow_image_ids=True)
-
-
-def _entry_problem(problem: str, meta: Path) -> str:
-    # Problems of the synthetic one-entry manifest, said about processor.yaml.
-    return re.sub(r"^.*?:\d+: processors\[0\]\.?", f"{meta}: ", problem)
 
 
 def processor_settings(proc: ProcessorDir, *, registry: str,
@@ -76,15 +67,7 @@ def processor_settings(proc: ProcessorDir, *, registry: str,
             raise UnknownProcessorError(
                 f"no processor {proc.name} {proc.version} in {manifest}")
         return found
-    image = f"{proc.repository(registry)}@{_PLACEHOLDER}"
-    text = yaml.safe_dump({"version": 1, "processors": [allowlist_entry(proc, image)]},
-                          sort_keys=False)
-    meta = proc.path / "processor.yaml"
-    try:
-        return parse_manifest(text, source="<processor.yaml>").processors[0]
-    except ManifestError as exc:
-        raise ManifestError(problems=[_entry_problem(p, meta)
-                                      for p in exc.problems or [exc.message]]) from exc
+    return entry_settings(proc, registry=registry)
 
 
 @dataclass(frozen=True)
@@ -139,12 +122,13 @@ def limits_text(limits: Limits, *, timeout_seconds: float) -> str:
     """One line for people: the limits a run gets."""
     return (f"cpus {limits.cpus:g}, memory {size_text(limits.memory_bytes)}, "
             f"pids {limits.pids}, timeout {seconds_text(timeout_seconds)}, "
-            f"log cap {size_text(limits.log_bytes)}")
+            f"log cap {size_text(limits.log_bytes)}, output {size_text(limits.output_bytes)}")
 
 
 def limits_json(limits: Limits, *, timeout_seconds: float) -> dict[str, Any]:
     return {"cpus": limits.cpus, "memory_bytes": limits.memory_bytes, "pids": limits.pids,
-            "timeout_seconds": timeout_seconds, "log_bytes": limits.log_bytes}
+            "timeout_seconds": timeout_seconds, "log_bytes": limits.log_bytes,
+            "output_bytes": limits.output_bytes}
 
 
 def run_image(sandbox: Sandbox, processor: Processor, image: str, input_json: bytes, *,

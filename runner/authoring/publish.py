@@ -7,6 +7,7 @@ script and a few lines of YAML.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ import docker
 import docker.errors
 import httpx
 import structlog
-import yaml
 
-from runner.errors import PublishError
+from runner.errors import ManifestError, PublishError
+from runner.manifest import Processor, parse_manifest
+from runner.manifest.parse import dump_manifest, load_yaml
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +34,7 @@ MANIFEST_MEDIA_TYPES = ", ".join([
     "application/vnd.oci.image.index.v1+json",
 ])
 ENTRY_KEYS = ("description", "limits", "retry", "queue", "max_concurrency", "input_schema")
+PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,15 @@ class ProcessorDir:
         """Raises: PublishError when processor.yaml is missing or incomplete."""
         meta_path = path / "processor.yaml"
         try:
-            meta = yaml.safe_load(meta_path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            text = meta_path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
             raise PublishError(f"{meta_path}: cannot read: {exc}") from exc
+        try:  # the manifest's reader: no anchors, aliases or duplicate keys, by line
+            meta = load_yaml(text, source=str(meta_path))[1] or {}
+        except ManifestError as exc:
+            raise PublishError(exc.message) from exc
+        if not isinstance(meta, dict):
+            raise PublishError(f"{meta_path}: must be a mapping with name and version")
         for key in ("name", "version"):
             if not isinstance(meta.get(key), str) or not meta[key]:
                 raise PublishError(f"{meta_path}: '{key}' must be a non-empty string")
@@ -158,11 +167,66 @@ def allowlist_entry(proc: ProcessorDir, image: str) -> dict[str, Any]:
     return entry
 
 
+def _entry_problem(problem: str, meta: Path) -> str:
+    """A problem of the synthetic one-entry manifest, said about processor.yaml."""
+    match = re.match(r"^<processor\.yaml>(?::\d+)?: (?:processors\[0\](?:\.|: ))?(.*)$",
+                     problem, re.DOTALL)
+    return f"{meta}: {match[1]}" if match else problem
+
+
+def entry_settings(proc: ProcessorDir, *, registry: str) -> Processor:
+    """processor.yaml's entry as a manifest would take it: limits, retry, input_schema.
+
+    The entry (with a placeholder digest) goes through `parse_manifest`, so every
+    manifest rule holds for it (limit floors, input_schema references and patterns);
+    `publish` checks it before building, `runner processor run` uses it.
+
+    Raises:
+        ManifestError: each problem names processor.yaml and the entry's path.
+    """
+    image = f"{proc.repository(registry)}@{PLACEHOLDER_DIGEST}"
+    text = dump_manifest({"version": 1, "processors": [allowlist_entry(proc, image)]})
+    meta = proc.path / "processor.yaml"
+    try:
+        return parse_manifest(text, source="<processor.yaml>").processors[0]
+    except ManifestError as exc:
+        raise ManifestError(problems=[_entry_problem(p, meta)
+                                      for p in exc.problems or [exc.message]]) from exc
+
+
+def refuse_volumes(proc: ProcessorDir, image_id: str, *, client: docker.DockerClient) -> None:
+    """Refuse an image that declares a `VOLUME`: workers refuse to run it
+    (`image_not_allowed`), since each declared path would be a writable, executable
+    disk path outside /run/out and /tmp.
+
+    Raises:
+        PublishError: naming the declared volumes.
+    """
+    try:
+        attrs = client.api.inspect_image(image_id)
+    except docker.errors.DockerException as exc:
+        raise PublishError(f"inspect of {image_id} failed: {exc}") from exc
+    volumes = sorted((attrs.get("Config") or {}).get("Volumes") or {})
+    if volumes:
+        raise PublishError(f"{proc.path}: the image declares VOLUME {', '.join(volumes)}; "
+                           f"workers refuse such images (image_not_allowed): remove the "
+                           f"VOLUME instruction (from the Dockerfile or its base image) and "
+                           f"write to /run/out or /tmp")
+
+
 def publish(path: Path, *, registry: str, client: docker.DockerClient,
             base: str | None = None, local_base: bool = False) -> dict[str, Any]:
-    """Build, push and return the allowlist entry pinning the pushed digest."""
+    """Build, push and return the allowlist entry pinning the pushed digest. An image
+    that declares a `VOLUME` is refused before it is pushed.
+
+    Raises:
+        ManifestError: the entry processor.yaml makes would be refused by a manifest
+            (checked before the build; each problem names processor.yaml).
+    """
     proc = ProcessorDir.load(path)
-    build(proc, registry=registry, client=client, base=base, local_base=local_base)
+    entry_settings(proc, registry=registry)  # processor.yaml's problems before any build
+    image_id = build(proc, registry=registry, client=client, base=base, local_base=local_base)
+    refuse_volumes(proc, image_id, client=client)
     image = push(proc, registry=registry, client=client)
     log.info("processor_published", name=proc.name, version=proc.version, image=image)
     return allowlist_entry(proc, image)

@@ -82,7 +82,7 @@ def load_input(value: str | None) -> dict[str, Any]:
     text = Path(value[1:]).read_text() if value.startswith("@") else value
     try:
         loaded = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or an integer of more than 4,300 digits
         fail(f"--input is not JSON: {exc}")
     if not isinstance(loaded, dict):
         fail("--input must be a JSON object")

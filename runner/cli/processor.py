@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
 from runner.cli.common import command, docker_client, load_input, print_json, settings
+from runner.manifest.parse import dump_manifest
 
 app = typer.Typer(help="Build and publish processor images.", no_args_is_help=True)
 
@@ -46,7 +46,7 @@ def processor_publish(directory: Path,
     cfg = settings()
     entry = publish(directory, registry=cfg.registry, client=docker_client(), base=base,
                     local_base=local_base)
-    typer.echo(yaml.safe_dump([entry], sort_keys=False).rstrip())
+    typer.echo(dump_manifest([entry]).rstrip())
     if pin_to is not None:
         pin(pin_to, entry)
         typer.echo(f"pinned in {pin_to}", err=True)

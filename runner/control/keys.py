@@ -74,9 +74,22 @@ class Keys:
                 ApiKeyRow.id == key_id, ApiKeyRow.revoked_at.is_(None),
             ).values(revoked_at=utcnow())) == 1
 
+    def is_active(self, key_id: str) -> bool:
+        """Whether the key still exists and is not revoked (a long-lived request, such as
+        a log follow, asks again every few seconds)."""
+        with self.store.session() as session:
+            revoked = session.execute(select(ApiKeyRow.revoked_at)
+                                      .where(ApiKeyRow.id == key_id)).one_or_none()
+        return revoked is not None and revoked[0] is None
+
+    @staticmethod
+    def looks_like_key(presented: str) -> bool:
+        """Whether `presented` has a key's shape, so `authenticate` would look it up."""
+        return presented.startswith(KEY_PREFIX) and presented.count("_") >= 2
+
     def authenticate(self, presented: str) -> ApiKey | None:
         """The key presented as a bearer token, or None if it is unknown or revoked."""
-        if not presented.startswith(KEY_PREFIX) or presented.count("_") < 2:
+        if not self.looks_like_key(presented):
             return None
         key_id, _, secret = presented.removeprefix(KEY_PREFIX).partition("_")
         with self.store.session() as session:

@@ -83,6 +83,10 @@ class Ledger:
     def wake_parked(self, processor: str, count: int = 1) -> int:
         return self.lifecycle.wake_parked(processor, count)
 
+    def prune_runs_ended_before(self, *, cutoff: datetime, batch: int = 500) -> int:
+        """Retention: one batch of runs that ended before `cutoff`, deleted."""
+        return self.store.prune_runs_ended_before(cutoff=cutoff, batch=batch)
+
     def ping(self) -> None:
         self.store.ping()
 

@@ -3,6 +3,11 @@
 Fixed one-second and one-minute windows: cheap (one pipelined INCR+EXPIRE per check)
 and good enough to stop a burst. When Redis is down the rate limits let requests
 through (logged); the hard cap on a tenant's active runs lives in the database.
+
+Failures (failed authentications from one address) are counted the same way, but
+the one that reaches the limit blocks the name for a whole window from that moment
+(`strike`, `check_block`), so what is refused does not depend on where a clock
+window happens to end.
 """
 
 from __future__ import annotations
@@ -46,3 +51,37 @@ class RateLimiter:
             retry_after = max(1, math.ceil((window + 1) * window_seconds - now))
             raise RateLimitedError(f"{what}: over {limit} per {window_seconds}s; "
                                    f"retry after {retry_after}s", retry_after=retry_after)
+
+    def check_block(self, name: str, *, what: str) -> None:
+        """Refuse while `name` is blocked by `strike`; counts nothing.
+
+        Raises:
+            RateLimitedError: blocked, with `retry_after`: the whole seconds left.
+        """
+        try:
+            left_ms = int(self.redis.pttl(f"{self.prefix}:block:{name}"))
+        except RedisError as exc:
+            log.warning("rate_limit_unavailable", name=name, error=str(exc))
+            return
+        if left_ms > 0:  # -2: no block; -1 (no expiry) is never set
+            retry_after = max(1, math.ceil(left_ms / 1000))
+            raise RateLimitedError(f"{what}; retry after {retry_after}s",
+                                   retry_after=retry_after)
+
+    def strike(self, name: str, *, limit: int, window_seconds: int) -> None:
+        """Count one failure of `name`; the `limit`-th in a window blocks `name` for
+        `window_seconds` from now. 0 disables it."""
+        if limit <= 0:
+            return
+        window = int(time.time() // window_seconds)
+        key = f"{self.prefix}:{name}:{window}"
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.incr(key)
+            pipe.expire(key, window_seconds + 1)
+            count = int(pipe.execute()[0])
+            if count >= limit:
+                self.redis.set(f"{self.prefix}:block:{name}", count, ex=window_seconds,
+                               nx=True)
+        except RedisError as exc:
+            log.warning("rate_limit_unavailable", name=name, error=str(exc))

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from sqlalchemy import ColumnElement, Engine, Select, delete, func, select
 from sqlalchemy.orm import Session
 
-from runner.control.models import LogChunkRow, RunRow
+from runner.control.models import AttemptRow, LogChunkRow, RunRow
 from runner.control.rows import run_from_row
 from runner.domain import Run, RunStatus
 
@@ -214,3 +214,34 @@ class StoreReports:
             session.execute(delete(LogChunkRow).where(chosen)
                             .execution_options(synchronize_session=False))
         return found
+
+    # Retention -------------------------------------------------------------------
+
+    def count_runs_ended_before(self: HasSessions, *, cutoff: datetime) -> int:
+        """Runs in a final status that ended before `cutoff` (what retention removes)."""
+        with self.session() as session:
+            return int(session.scalar(select(func.count()).select_from(RunRow).where(
+                RunRow.status.in_(_TERMINAL), RunRow.finished_at < cutoff)) or 0)
+
+    def prune_runs_ended_before(self: HasSessions, *, cutoff: datetime,
+                                batch: int = 500) -> int:
+        """Delete up to `batch` runs that ended before `cutoff`, oldest first, with
+        their attempts and stored output, in one short transaction; the number deleted.
+
+        Small batches keep each transaction (and its locks) short, so retention on a
+        large table never stalls the workers' writes; call again until it returns 0.
+        Queued and running runs are never touched.
+        """
+        with self.session() as session:
+            ids = list(session.scalars(select(RunRow.id).where(
+                RunRow.status.in_(_TERMINAL), RunRow.finished_at < cutoff)
+                .order_by(RunRow.finished_at).limit(batch)))
+            if not ids:
+                return 0
+            session.execute(delete(LogChunkRow).where(LogChunkRow.run_id.in_(ids))
+                            .execution_options(synchronize_session=False))
+            session.execute(delete(AttemptRow).where(AttemptRow.run_id.in_(ids))
+                            .execution_options(synchronize_session=False))
+            session.execute(delete(RunRow).where(RunRow.id.in_(ids))
+                            .execution_options(synchronize_session=False))
+        return len(ids)

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
+import referencing.exceptions
 import structlog
+from jsonschema.protocols import Validator
 
 from runner.control.queue import RunQueue
 from runner.control.store import Store
+from runner.control.strictjson import check_strict_json
 from runner.domain import NewRun, Run
 from runner.errors import (
     ConflictError,
@@ -23,6 +28,12 @@ from runner.errors import (
     UnknownProcessorError,
 )
 from runner.manifest import Manifest, Processor
+from runner.manifest.parse import (
+    INPUT_PATTERN_BUDGET_SECONDS,
+    PatternTimeoutError,
+    input_schema_validator,
+    pattern_budget,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -54,21 +65,66 @@ def _json_path(path: Any) -> str:
     return text
 
 
-def check_input(processor: Processor, value: object, *, max_bytes: int) -> bytes:
-    """The input as a run accepts it, encoded; the API and `processor run` share it.
+# Validators of input schemas, one per (processor, version, manifest revision): built
+# on the first submission of that revision, not on every one. A revision's entries are
+# never edited (an edit is a new revision), and old revisions age out.
+VALIDATOR_CACHE_SIZE = 256
+_validators: OrderedDict[tuple[str, str, str], Validator] = OrderedDict()
+_validators_lock = threading.Lock()
+
+
+def input_validator(processor: Processor, revision: str | None) -> Validator:
+    """The processor's input_schema validator, cached per manifest revision.
+
+    Without a revision (a one-off check, e.g. `runner processor run`) it is built anew.
+    """
+    if revision is None:
+        return input_schema_validator(processor.input_schema)
+    key = (processor.name, processor.version, revision)
+    with _validators_lock:
+        found = _validators.get(key)
+        if found is not None:
+            _validators.move_to_end(key)
+            return found
+    built = input_schema_validator(processor.input_schema)
+    with _validators_lock:
+        found = _validators.setdefault(key, built)
+        _validators.move_to_end(key)
+        while len(_validators) > VALIDATOR_CACHE_SIZE:
+            _validators.popitem(last=False)
+    return found
+
+
+def check_input(processor: Processor, value: object, *, max_bytes: int,
+                revision: str | None = None) -> bytes:
+    """The input as a run accepts it, encoded; the API, replay and `processor run` share it.
 
     Raises:
-        InvalidRequestError: not a JSON object, or over the size cap.
-        InvalidInputError: it fails the processor's input_schema (path named).
+        InvalidRequestError: not a JSON object, not strict JSON (NaN, an infinity, an
+            integer outside 64 bits: see runner/control/strictjson.py), or over the
+            size cap; its field is `input`.
+        InvalidInputError: it fails the processor's input_schema (path named), the
+            schema's patterns ran out of their time budget, or the schema references
+            something it does not hold.
     """
     if not isinstance(value, dict):
         raise InvalidRequestError("the input must be a JSON object", field="input")
-    encoded = json.dumps(value).encode()
+    check_strict_json(value, "input")
+    encoded = json.dumps(value, allow_nan=False).encode()
     if len(encoded) > max_bytes:
         raise InvalidRequestError(f"input is {len(encoded)} bytes, over the {max_bytes} "
                                   "byte cap", field="input")
-    validator = jsonschema.Draft202012Validator(processor.input_schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    validator = input_validator(processor, revision)
+    try:
+        with pattern_budget(INPUT_PATTERN_BUDGET_SECONDS):
+            error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    except PatternTimeoutError as exc:
+        raise InvalidInputError(f"input: {exc}; the input is refused", field="input") from None
+    except referencing.exceptions.Unresolvable as exc:
+        # The manifest refuses such a schema; this holds for one built any other way.
+        raise InvalidInputError(
+            f"input: the input_schema of {processor.name} {processor.version} has a $ref "
+            f"that does not resolve ({exc}); nothing is fetched", field="input") from None
     if error is not None:
         where = _json_path(error.absolute_path)
         raise InvalidInputError(f"{where}: {error.message}", field=where)
@@ -83,8 +139,8 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
     Raises:
         UnknownProcessorError: no such processor (or version) in the manifest.
         InvalidInputError: the input fails the processor's input_schema (path named).
-        InvalidRequestError: input over its size cap, or timeout_seconds above the
-            manifest's limit.
+        InvalidRequestError: input over its size cap or not strict JSON (field
+            `input`), or timeout_seconds above the manifest's limit.
         InvalidRequestError: the idempotency key was used for a different request.
         QuotaExceededError: the tenant is at its cap of queued and running runs.
     """
@@ -93,7 +149,8 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         wanted = submission.processor + (f" {submission.version}" if submission.version else "")
         raise UnknownProcessorError(f"no processor {wanted} in the manifest",
                                     field="version" if submission.version else "processor")
-    check_input(processor, dict(submission.input), max_bytes=input_max_bytes)
+    check_input(processor, dict(submission.input), max_bytes=input_max_bytes,
+                revision=manifest.revision)
     limit = processor.limits.timeout_seconds
     if submission.timeout_seconds is not None and submission.timeout_seconds > limit:
         raise InvalidRequestError(
@@ -135,6 +192,8 @@ def replay(run_id: str, *, tenant: str | None, manifest: Manifest, store: Store,
         NotFoundError: no such run for this tenant.
         ConflictError: the run has not ended yet.
         UnknownProcessorError: the manifest no longer has that processor version.
+        InvalidRequestError, InvalidInputError: its input is refused today, as a new
+            submission's would be (e.g. a NaN stored before inputs were strict JSON).
     """
     original = store.get_run(run_id, tenant=tenant)
     if original is None:

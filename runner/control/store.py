@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
+    JSON,
+    ColumnElement,
     Engine,
     Executable,
     LargeBinary,
     Select,
+    Text,
+    case,
     create_engine,
     event,
     func,
@@ -28,12 +34,16 @@ from sqlalchemy import (
     literal,
     select,
     text,
+    type_coerce,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session, defer, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from runner.control.models import AttemptRow, LogChunkRow, RunRow, TenantRow
 from runner.control.reports import StoreReports
@@ -42,6 +52,19 @@ from runner.domain import NewRun, Run, RunStatus, utcnow
 from runner.errors import InvalidRequestError, QuotaExceededError, ServiceUnavailableError
 
 SQLAlchemyError = _SQLAlchemyError
+
+# How long a client is told to wait when every pooled database connection is busy.
+POOL_BUSY_RETRY_SECONDS = 2
+# The shape of every run id (`new_run_id`). Anything else names no run, and never
+# reaches the database: PostgreSQL refuses text with a NUL character in it.
+RUN_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+# The run values a list may leave out (`Store.list_page`).
+RUN_VALUES = ("input", "result")
+
+
+def is_run_id(value: str) -> bool:
+    """Whether `value` has the shape of a run id (36 characters, hex and dashes)."""
+    return RUN_ID.fullmatch(value) is not None
 
 
 def new_run_id() -> str:
@@ -60,7 +83,7 @@ def decode_cursor(cursor: str) -> str:
         value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequestError("invalid cursor", field="cursor") from exc
-    if len(value) != 36:
+    if not is_run_id(value):  # also keeps a NUL character away from PostgreSQL
         raise InvalidRequestError("invalid cursor", field="cursor")
     return value
 
@@ -69,6 +92,33 @@ def captured_bytes(run_id: str) -> Select[Any]:
     """Bytes of output stored for a run, over every attempt (a query to run or embed)."""
     return (select(func.coalesce(func.sum(func.length(LogChunkRow.data)), 0))
             .where(LogChunkRow.run_id == run_id))
+
+
+def log_chunks_since(run_id: str, offset: int) -> Select[int, bytes]:
+    """The run's log chunks that end after byte `offset`, in order: what a reader that
+    already has `offset` bytes still needs (a query to run or count).
+
+    The lower bound on `offset` (the start of the chunk holding byte `offset`) lets the
+    `(run_id, offset)` index skip every earlier chunk; the `offset + length` condition
+    then drops a chunk that ends exactly at `offset`.
+    """
+    start = (select(func.coalesce(func.max(LogChunkRow.offset), 0))
+             .where(LogChunkRow.run_id == run_id, LogChunkRow.offset <= offset)
+             .scalar_subquery())
+    return (select(LogChunkRow.offset, LogChunkRow.data)
+            .where(LogChunkRow.run_id == run_id, LogChunkRow.offset >= start,
+                   LogChunkRow.offset + func.length(LogChunkRow.data) > offset)
+            .order_by(LogChunkRow.offset))
+
+
+@dataclass(frozen=True)
+class RunPage:
+    """A page of runs (`Store.list_page`). `left_out` names, per run id, the values
+    (`input`, `result`) that were not read; those are None in the `Run`."""
+
+    runs: list[Run]
+    next_cursor: str | None
+    left_out: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def rows_changed(session: Session, statement: Executable) -> int:
@@ -80,20 +130,27 @@ def rows_changed(session: Session, statement: Executable) -> int:
 class Store(StoreReports):
     """All database access. One per process; thread-safe."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 10,
+                 pool_timeout: float = 30.0) -> None:
+        """`pool_*`: the connection pool (PostgreSQL): `pool_size` kept open, up to
+        `max_overflow` more under load, and how long a caller waits for a free one
+        before ServiceUnavailableError."""
         self.url = url
-        self.engine: Engine = make_engine(url)
+        self.engine: Engine = make_engine(url, pool_size=pool_size, max_overflow=max_overflow,
+                                          pool_timeout=pool_timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._tenants_seen: set[str] = set()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A transaction; platform errors become ServiceUnavailableError."""
-        try:
-            with self._sessions.begin() as session:
-                yield session
-        except OperationalError as exc:
-            raise ServiceUnavailableError(f"database unavailable: {exc.orig}") from exc
+        """A transaction; platform errors become ServiceUnavailableError.
+
+        Every pooled connection busy past the pool's timeout is one of them, with a
+        `retry_after` (the API answers 503 with Retry-After); so is a database that
+        cannot be reached or a lock not granted in time.
+        """
+        with _platform_errors(), self._sessions.begin() as session:
+            yield session
 
     def ping(self) -> None:
         with self.session() as session:
@@ -199,12 +256,17 @@ class Store(StoreReports):
 
     def run_status(self, run_id: str) -> str | None:
         """Only the run's status (a long poll reads it many times)."""
-        with self.engine.connect() as conn:
+        if not is_run_id(run_id):
+            return None
+        with _platform_errors(), self.engine.connect() as conn:
             status: str | None = conn.scalar(select(RunRow.status).where(RunRow.id == run_id))
         return status
 
     def get_run(self, run_id: str, *, tenant: str | None = None) -> Run | None:
-        """The run, or None if it does not exist or belongs to another tenant."""
+        """The run, or None if it does not exist, belongs to another tenant, or `run_id`
+        is not shaped like a run id (then the database is not asked)."""
+        if not is_run_id(run_id):
+            return None
         with self.session() as session:
             row = session.get(RunRow, run_id)
             if row is None or (tenant is not None and row.tenant != tenant):
@@ -216,7 +278,23 @@ class Store(StoreReports):
                   cursor: str | None = None, labels: dict[str, str] | None = None,
                   created_after: datetime | None = None,
                   created_before: datetime | None = None) -> tuple[list[Run], str | None]:
-        """Newest first, keyset-paginated by the time-ordered run id."""
+        """Newest first, keyset-paginated by the time-ordered run id; every value read."""
+        page = self.list_page(tenant=tenant, status=status, processor=processor, limit=limit,
+                              cursor=cursor, labels=labels, created_after=created_after,
+                              created_before=created_before, values=RUN_VALUES)
+        return page.runs, page.next_cursor
+
+    def list_page(self, *, tenant: str | None, status: str | None = None,
+                  processor: str | None = None, limit: int = 50,
+                  cursor: str | None = None, labels: dict[str, str] | None = None,
+                  created_after: datetime | None = None,
+                  created_before: datetime | None = None,
+                  values: Collection[str] = (),
+                  value_max_bytes: int | None = None) -> RunPage:
+        """Like `list_runs`, reading of `input` and `result` only those in `values`,
+        and of those only the ones of at most `value_max_bytes` as stored (the size is
+        measured in the database: a larger value is never sent over, nor parsed).
+        The others are None in the runs, and named in the page's `left_out`."""
         query = select(RunRow).order_by(RunRow.id.desc()).limit(limit + 1)
         for key, value in (labels or {}).items():
             query = query.where(RunRow.labels[key].as_string() == value)
@@ -232,11 +310,42 @@ class Store(StoreReports):
             query = query.where(RunRow.processor == processor)
         if cursor is not None:
             query = query.where(RunRow.id < decode_cursor(cursor))
+        asked = [name for name in RUN_VALUES if name in values]
+        for name in RUN_VALUES:
+            column = getattr(RunRow, name)
+            query = query.options(defer(column))
+            if name not in asked:
+                continue
+            size = self._stored_size(column)
+            loaded: ColumnElement[Any] = column
+            if value_max_bytes is not None:  # NULL in the database past the cap
+                loaded = type_coerce(case((size <= value_max_bytes, column)), JSON)
+            query = query.add_columns(loaded.label(name), size.label(f"{name}_bytes"))
+        left_out: dict[str, tuple[str, ...]] = {}
+        runs: list[Run] = []
         with self.session() as session:
-            rows = list(session.scalars(query))
-        runs = [run_from_row(r) for r in rows[:limit]]
+            rows = session.execute(query).all()
+            for row in rows[:limit]:
+                run_row, got = row[0], row._mapping
+                missing = []
+                for name in RUN_VALUES:
+                    stored = got[f"{name}_bytes"] if name in asked else None
+                    over = (stored is not None and value_max_bytes is not None
+                            and stored > value_max_bytes)
+                    if name not in asked or over:
+                        missing.append(name)
+                    set_committed_value(run_row, name, None if name in missing else got[name])
+                if missing:
+                    left_out[run_row.id] = tuple(missing)
+                runs.append(run_from_row(run_row))
         next_cursor = encode_cursor(runs[-1].id) if len(rows) > limit else None
-        return runs, next_cursor
+        return RunPage(runs=runs, next_cursor=next_cursor, left_out=left_out)
+
+    def _stored_size(self, column: Any) -> ColumnElement[Any]:
+        """Bytes of a JSON column's stored text, computed in the database."""
+        if self.engine.dialect.name == "postgresql":
+            return func.octet_length(sql_cast(column, Text))
+        return func.length(sql_cast(column, LargeBinary))
 
     def record_container(self, run_id: str, attempt: int, *, container_id: str | None = None,
                          image_id: str | None = None,
@@ -265,6 +374,21 @@ class Store(StoreReports):
         with self.session() as session:
             session.execute(insert(LogChunkRow).from_select(
                 ["run_id", "attempt", "offset", "data"], live))
+
+    def read_logs_since(self, run_id: str, offset: int, limit: int) -> bytes:
+        """Up to `limit` bytes of captured output from byte `offset` on, reading only
+        the chunks that end after `offset` (what a follower polls with), and of those
+        only as many as `limit` needs."""
+        out = bytearray()
+        with self.session() as session:
+            rows = session.execute(log_chunks_since(run_id, offset)
+                                   .execution_options(yield_per=8))
+            for start, data in rows:
+                out += data[max(0, offset - start):]
+                if len(out) >= limit:
+                    break
+            rows.close()
+        return bytes(out[:limit])
 
     def read_logs(self, run_id: str, *, offset: int = 0, limit: int | None = None) -> bytes:
         """Captured output from byte `offset` on (all attempts, in order)."""
@@ -305,7 +429,21 @@ class Store(StoreReports):
             ]
 
 
-def make_engine(url: str) -> Engine:
+@contextmanager
+def _platform_errors() -> Iterator[None]:
+    """The database's own failures as ServiceUnavailableError."""
+    try:
+        yield
+    except PoolTimeoutError as exc:
+        raise ServiceUnavailableError(
+            "database busy: no connection free in the pool; retry shortly",
+            retry_after=POOL_BUSY_RETRY_SECONDS) from exc
+    except OperationalError as exc:
+        raise ServiceUnavailableError(f"database unavailable: {exc.orig}") from exc
+
+
+def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10,
+                pool_timeout: float = 30.0) -> Engine:
     """An engine with sane pool settings; SQLite gets WAL and a busy timeout."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
@@ -325,5 +463,6 @@ def make_engine(url: str) -> Engine:
     # A server that does not answer at all (a dropped route, not a refusal) costs a
     # connect at most ten seconds, so probes and requests fail instead of hanging.
     options = "-c lock_timeout=10000 -c idle_in_transaction_session_timeout=60000"
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10,
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size,
+                         max_overflow=max_overflow, pool_timeout=pool_timeout,
                          connect_args={"options": options, "connect_timeout": 10})

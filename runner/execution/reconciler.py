@@ -40,10 +40,11 @@ class Report:
     expired: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     removed_containers: list[str] = field(default_factory=list)
+    pruned: int = 0  # runs deleted by retention
     skipped: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.expired or self.requeued or self.removed_containers)
+        return bool(self.expired or self.requeued or self.removed_containers or self.pruned)
 
 
 @dataclass
@@ -56,6 +57,10 @@ class Reconciler:
     stop_grace_seconds: float = 5.0
     # Short, so a worker killed while holding the lock delays the others only briefly.
     lock_seconds: float = 5.0
+    # RUNNER_RETENTION_DAYS: runs that ended longer ago are deleted, a batch per pass
+    # (0: kept for ever).
+    retention_days: float = 0.0
+    retention_batch: int = 500
     # How long a retry taken back from a lost worker waits at most for the old
     # container's removal before it may start anyway (the reconciler died mid-way).
     hold_seconds: float = 60.0
@@ -74,12 +79,14 @@ class Reconciler:
             self._expire_leases(report)
             self._requeue(report)
             self._sweep_containers(report)
+            self._sweep_volumes()
+            self._retention(report)
         finally:
             if token:
                 self.queue.unlock(LOCK_KEY, token)
         if report:
             log.info("reconciled", expired=report.expired, requeued=report.requeued,
-                     removed_containers=report.removed_containers)
+                     removed_containers=report.removed_containers, pruned=report.pruned)
         return report
 
     def _policy(self, run: Run) -> RetryPolicy | None:
@@ -172,6 +179,14 @@ class Reconciler:
                 if free > 0:
                     self.ledger.wake_parked(processor.name, free)
 
+    def _retention(self, report: Report) -> None:
+        """Delete one batch of runs past the retention period (logs and attempts too)."""
+        if self.retention_days <= 0:
+            return
+        cutoff = utcnow() - timedelta(days=self.retention_days)
+        report.pruned = self.ledger.prune_runs_ended_before(cutoff=cutoff,
+                                                            batch=self.retention_batch)
+
     def _sweep_containers(self, report: Report) -> None:
         if self.sandbox is None:
             return
@@ -197,3 +212,26 @@ class Reconciler:
                             error=exc.message)
                 continue
             report.removed_containers.append(container["Id"])
+
+    def _sweep_volumes(self) -> None:
+        """Remove this deployment's /run volumes and run filesystems that nothing uses
+        any more, once older than the grace period: left by a container removed
+        without its volumes, or by a worker that died between its run's end and their
+        removal."""
+        if self.sandbox is None:
+            return
+        cutoff = datetime.now(UTC).timestamp() - self.grace_seconds
+        try:
+            volumes = self.sandbox.managed_volumes()
+        except SandboxError as exc:
+            log.warning("volume_sweep_failed", error=exc.message)
+            return
+        for volume in volumes:
+            if volume.get("InUse") or volume.get("Created", 0) > cutoff:
+                continue
+            try:
+                self.sandbox.remove_volume(volume["Name"])
+            except SandboxError as exc:
+                log.warning("volume_remove_failed", volume=volume["Name"], error=exc.message)
+                continue
+            log.info("volume_removed", volume=volume["Name"], kind=volume.get("Kind"))

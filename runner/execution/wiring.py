@@ -32,7 +32,8 @@ def sandbox_config(settings: Settings) -> SandboxConfig:
                          stop_grace_seconds=settings.stop_grace_seconds,
                          result_max_bytes=settings.result_max_bytes,
                          instance=settings.instance,
-                         direct_volume_io=settings.direct_volume_io)
+                         direct_volume_io=settings.direct_volume_io,
+                         require_run_bound=settings.run_output_bound == "required")
 
 
 def control_side(settings: Settings, *, store: Store | None = None
@@ -89,7 +90,8 @@ class WorkerServices:
         return Reconciler(ledger=self.ledger, queue=self.queue, sandbox=self.sandbox,
                           manifests=self.manifests, grace_seconds=s.reconcile_grace_seconds,
                           stop_grace_seconds=s.stop_grace_seconds,
-                          lock_seconds=max(2.0, 2 * s.reconcile_interval_seconds))
+                          lock_seconds=max(2.0, 2 * s.reconcile_interval_seconds),
+                          retention_days=s.retention_days)
 
     def close(self) -> None:
         self.store.close()

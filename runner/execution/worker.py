@@ -88,6 +88,8 @@ def _count(metrics: WorkerMetrics, report: Report) -> None:
         count = len(getattr(report, action))
         if count:
             metrics.reconciler.labels(action).inc(count)
+    if report.pruned:
+        metrics.reconciler.labels("pruned").inc(report.pruned)
 
 
 def _reconcile_forever(reconciler: Reconciler, interval: float, stop: threading.Event,

@@ -20,6 +20,18 @@ IMAGE_REF = re.compile(
 # transient failures. Retries happen only when max_attempts is above 1.
 DEFAULT_RETRY_ON = frozenset({"exit:75", "worker_lost", "docker_unavailable"})
 
+# The floor of each limit, in base units: no value of a limit may mean "unlimited"
+# (Docker reads a memory or CPU limit of 0 as none) or be one the engine refuses, and
+# a value that rounds below its floor (memory "0.1" is 0 bytes) is refused like a 0.
+# See docs/operators.md, "Limits and their floors".
+MIN_CPUS = 0.01  # the kernel's smallest CFS quota: 1 ms per 100 ms period
+MIN_MEMORY_BYTES = 6 * 1024**2  # Docker: "Minimum memory limit allowed is 6MB" (6 MiB)
+MIN_PIDS = 1
+MIN_TIMEOUT_SECONDS = 1.0
+MIN_LOG_BYTES = 1024
+MIN_OUTPUT_BYTES = 1024
+MAX_SIZE_BYTES = 2**63 - 1  # the engine's sizes are signed 64-bit integers
+
 
 @dataclass(frozen=True)
 class Limits:

@@ -10,7 +10,13 @@ import yaml
 
 from runner.errors import ManifestError
 from runner.manifest.model import Manifest
-from runner.manifest.parse import YamlLoader, image_problem, load_manifest, parse_manifest
+from runner.manifest.parse import (
+    YamlLoader,
+    dump_manifest,
+    image_problem,
+    load_manifest,
+    parse_manifest,
+)
 
 
 def entry_for(*, name: str, version: str, image: str) -> dict[str, Any]:
@@ -43,7 +49,7 @@ def pin(path: Path, entry: Mapping[str, Any]) -> Manifest:
     else:
         processors.append(dict(entry))
     data["processors"] = processors
-    text = yaml.safe_dump(data, sort_keys=False)
+    text = dump_manifest(data)
     manifest = parse_manifest(text, source=str(path))
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

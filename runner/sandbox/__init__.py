@@ -3,8 +3,9 @@
 Owns every Docker call of a run: the container's spec and labels (`spec`), the
 create/verify/start/wait/remove lifecycle (`engine`), the one translator of
 docker-py errors (`translate`), pinned images and their digests (`images`), the two
-paths for input and result files (`transfer`), the provenance receipt
-(`provenance`) and log capture (`logpump`).
+paths for input and result files (`transfer`), each attempt's bounded /run
+filesystem (`runfs`), the provenance receipt (`provenance`) and log capture
+(`logpump`).
 
 May import: `runner.domain`, `runner.errors`, `runner.units`, `runner.manifest.model`
 and `runner.observability.telemetry` (stage timing). Never FastAPI, SQLAlchemy,

@@ -5,6 +5,10 @@ processor's failure (non-zero exit, OOM, timeout, bad result file) is returned a
 data in `Outcome`; only failures of the platform raise (`SandboxError` children).
 The container's settings are read back from the engine and compared with what was
 asked (`provenance`) before it may start.
+
+Each attempt's /run is a filesystem of its own, made on this host before the create
+and removed after the container (`runfs`): the processor's writes under /run/out stop
+at the manifest's `output_bytes` with ENOSPC. Without it no processor runs.
 """
 
 from __future__ import annotations
@@ -17,19 +21,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import docker
 import docker.errors
 import requests.exceptions
 import structlog
-from docker.types import LogConfig, Mount
+from docker.types import DriverConfig, LogConfig, Mount
 
 from runner.errors import DockerUnavailableError, SandboxError, SandboxMismatchError
 from runner.observability.telemetry import NullStages, StageObserver
-from runner.sandbox import provenance
+from runner.sandbox import provenance, runfs
 from runner.sandbox.images import Images
 from runner.sandbox.logpump import LogPump
+from runner.sandbox.runfs import RunFilesystems, RunFs
 from runner.sandbox.spec import (
     CONTAINER_TMP,
     INSTANCE_LABEL,
@@ -42,7 +48,7 @@ from runner.sandbox.spec import (
     ResultStatus,
     SandboxConfig,
 )
-from runner.sandbox.transfer import Transfer, TransferChooser
+from runner.sandbox.transfer import ArchiveTransfer, Transfer, TransferChooser
 from runner.sandbox.translate import cause_is, docker_errors, is_conflict
 
 log = structlog.get_logger(__name__)
@@ -97,6 +103,9 @@ class Sandbox:
             raise SandboxError("refusing to run processors as root (container_user uid 0)")
         self.images = Images(self.api, allow_image_ids=config.allow_image_ids)
         self.transfers = TransferChooser(self.api, config)
+        self.run_fs = RunFilesystems(config.run_fs_root, config.instance)
+        self._bound_problem: str | None = None  # "" once known to be fine
+        self._engine_sees_run_fs = False  # proven on the first container
         self._remover = _Remover() if config.remove_in_background else None
         if self.api.base_url.startswith("http+docker:"):
             # A local socket: no proxy or .netrc can apply, and requests would look
@@ -122,7 +131,8 @@ class Sandbox:
         gets: each run there would only end as sandbox_mismatch.
 
         Raises:
-            SandboxError: the engine lacks swap or pids limits (named, with the fix).
+            SandboxError: the engine lacks swap or pids limits (named, with the fix), or
+                this process cannot make the /run filesystems (`bound_problem`).
         """
         with docker_errors("info"):
             info = self.api.info()
@@ -133,6 +143,38 @@ class Sandbox:
         if missing:
             raise SandboxError("the Docker engine cannot enforce " + "; ".join(missing)
                                + ": processors would run without them, so no run starts")
+        problem = self.bound_problem(info)
+        if problem and self.config.require_run_bound:
+            raise SandboxError(f"refusing to run processors without their output_bytes bound "
+                               f"on /run: {problem} (RUNNER_RUN_OUTPUT_BOUND=off runs them "
+                               f"unbounded instead; see docs/operators.md)")
+        if problem:
+            log.warning("run_output_unbounded", reason=problem,
+                        setting="RUNNER_RUN_OUTPUT_BOUND=off")
+
+    def bound_problem(self, info: dict[str, Any] | None = None) -> str:
+        """Why this process cannot give processors their bounded /run ("" when it can;
+        decided once). The filesystem is made by this process on the engine's host, so
+        the engine must be local, see this process's mounts and use its user ids.
+
+        Raises:
+            DockerUnavailableError: the engine does not answer (nothing is decided).
+        """
+        if self._bound_problem is None:
+            problem = RunFilesystems.problem()
+            if problem is None and not self.api.base_url.startswith("http+docker:"):
+                problem = (f"the engine at {self.api.base_url} is not on this host, where "
+                           f"the filesystem is made")
+            if problem is None:
+                if info is None:
+                    with docker_errors("info"):
+                        info = self.api.info()
+                options = " ".join(info.get("SecurityOptions") or [])
+                if "userns" in options or "rootless" in options:
+                    problem = ("the engine remaps user ids (userns-remap or rootless), so "
+                               "it would not see this worker's mounts under their owners")
+            self._bound_problem = problem or ""
+        return self._bound_problem
 
     def ping(self) -> None:
         with docker_errors("ping"):
@@ -163,11 +205,16 @@ class Sandbox:
             SandboxError: the platform failed (the container is still removed).
         """
         observer: StageObserver = stages or NullStages()
-        container_id, image_id = self._pull_and_create(spec, observer)
+        problem = self.bound_problem()
+        if problem and self.config.require_run_bound:
+            raise SandboxError(f"refusing to run a processor without its output_bytes bound "
+                               f"on /run: {problem}", stage="run filesystem")
+        fs, container_id, image_id = self._pull_and_create(spec, observer)
         finished = False
         try:
             with observer.stage("start", input_bytes=len(spec.input_json)):
-                transfer = self._verify_and_deliver(container_id, spec, image_id, on_receipt)
+                transfer = self._verify_and_deliver(container_id, spec, image_id, fs,
+                                                    on_receipt)
                 with docker_errors("start"):
                     self.api.start(container_id)
             started = time.monotonic()
@@ -190,40 +237,83 @@ class Sandbox:
                 duration_seconds=ended.duration, log_bytes=pump.bytes,
                 log_truncated=pump.truncated, result=result, log_bytes_dropped=pump.dropped)
         finally:
-            self._dispose(container_id, observer, later=finished)
+            self._dispose(container_id, fs, observer, later=finished)
+
+    @property
+    def bounded(self) -> bool:
+        """Whether /run gets its bounded filesystem: False only once `bound_problem`
+        found that it cannot be made here (then RUNNER_RUN_OUTPUT_BOUND=off lets a run
+        go on without it); undecided counts as bounded, the strict case."""
+        return not self._bound_problem
 
     def _pull_and_create(self, spec: ContainerSpec, observer: StageObserver
-                         ) -> tuple[str, str]:
+                         ) -> tuple[RunFs | None, str, str]:
         with observer.stage("pull", image=spec.image) as info:
             image_id, pulled = self.images.ensure(spec.image)
             info["cached"] = not pulled
         with observer.stage("create", container_name=spec.name) as info:
+            fs = (self.run_fs.create(spec.name, output_bytes=spec.output_bytes,
+                                     input_bytes=len(spec.input_json))
+                  if self.bounded else None)
             try:
-                container_id = self._create(spec, image_id)
-            except SandboxError as exc:
-                if not cause_is(exc, docker.errors.ImageNotFound):
-                    raise
-                # The image went away since it was verified: check (and pull) again.
-                self.images.forget(spec.image)
-                image_id, _ = self.images.ensure(spec.image)
-                container_id = self._create(spec, image_id)
+                try:
+                    container_id = self._create(spec, image_id)
+                except SandboxError as exc:
+                    if not cause_is(exc, docker.errors.ImageNotFound):
+                        raise
+                    # The image went away since it was verified: check (and pull) again.
+                    self.images.forget(spec.image)
+                    image_id, _ = self.images.ensure(spec.image)
+                    container_id = self._create(spec, image_id)
+            except BaseException:
+                self._release(fs)
+                raise
             info["container_id"] = container_id[:12]
-        return container_id, image_id
+        return fs, container_id, image_id
 
     def _verify_and_deliver(self, container_id: str, spec: ContainerSpec, image_id: str,
+                            fs: RunFs | None,
                             on_receipt: Callable[[dict[str, Any]], None] | None) -> Transfer:
-        """Read the created container back, refuse it on any mismatch, deliver input."""
+        """Read the created container back, refuse it on any mismatch, deliver input,
+        then seal /run at the output bound."""
         with docker_errors("inspect"):
             attrs = self.api.inspect_container(container_id)
-        receipt = provenance.receipt(spec, self.config, image_id, attrs)
+        receipt = provenance.receipt(spec, self.config, image_id, attrs,
+                                     runfs.describe(fs.path) if fs is not None else None,
+                                     bounded=fs is not None)
         if on_receipt is not None:
             on_receipt(receipt)
         if receipt["mismatches"]:
             raise SandboxMismatchError("the engine did not apply what was asked: "
                                        + "; ".join(receipt["mismatches"]), stage="create")
-        transfer = self.transfers.for_container(container_id, attrs)
+        if fs is None:  # unbounded (RUNNER_RUN_OUTPUT_BOUND=off): the engine's archive API
+            transfer: Transfer = ArchiveTransfer(self.api, container_id, self.config)
+            transfer.deliver(spec.input_json)
+            return transfer
+        self._check_engine_sees(container_id, fs)
+        transfer = self.transfers.for_container(container_id, fs.path)
         transfer.deliver(spec.input_json)
+        self.run_fs.seal(fs)
         return transfer
+
+    def _check_engine_sees(self, container_id: str, fs: RunFs) -> None:
+        """Once per process: the engine's /run is this process's mounted filesystem, not
+        the bare directory under it (an engine in another mount namespace would give the
+        processor an unbounded directory)."""
+        if self._engine_sees_run_fs:
+            return
+        marker = f"{RUN_DIR}/{runfs.UNMOUNTED_MARKER}"
+        with docker_errors("inspect run filesystem"):
+            try:
+                stream, _ = self.api.get_archive(container_id, marker)
+            except docker.errors.NotFound:
+                self._engine_sees_run_fs = True
+                return
+            getattr(stream, "close", lambda: None)()
+        raise SandboxMismatchError(
+            f"the engine does not see the filesystem this worker mounted at {fs.path} "
+            f"(another mount namespace?): processors would write to the host's disk "
+            f"unbounded", stage="create")
 
     def _wait_or_stop(self, container_id: str, spec: ContainerSpec, started: float) -> _Exit:
         exited = self._wait(container_id, started + spec.timeout_seconds)
@@ -250,11 +340,15 @@ class Sandbox:
             return transfer.collect()
         return CollectedResult(ResultStatus.ABSENT)
 
-    def _dispose(self, container_id: str, observer: StageObserver, *, later: bool) -> None:
+    def _dispose(self, container_id: str, fs: RunFs | None, observer: StageObserver, *,
+                 later: bool) -> None:
         def remove() -> None:
             try:
                 with observer.stage("remove"):
-                    self.remove(container_id)
+                    try:
+                        self.remove(container_id)
+                    finally:
+                        self._release(fs)
             except SandboxError as exc:
                 log.error("container_remove_failed", container_id=container_id,
                           error=str(exc))
@@ -266,6 +360,16 @@ class Sandbox:
             self._remover.submit(functools.partial(contextvars.copy_context().run, remove))
         else:
             remove()
+
+    def _release(self, fs: RunFs | None) -> None:
+        """Unmount and delete a /run filesystem; a failure is logged (the reconciler's
+        sweep takes what is left)."""
+        if fs is None:
+            return
+        try:
+            self.run_fs.release(fs)
+        except SandboxError as exc:
+            log.error("run_fs_release_failed", path=str(fs.path), error=exc.message)
 
     # Engine calls -------------------------------------------------------------------
 
@@ -285,8 +389,12 @@ class Sandbox:
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             init=True,
+            # /run: this attempt's bounded filesystem (runfs), as a volume of its own
+            # (a plain volume only under RUNNER_RUN_OUTPUT_BOUND=off).
             mounts=[Mount(target=RUN_DIR, source=None, type="volume", no_copy=True,
-                          labels=self._labels(spec))],
+                          labels=self._labels(spec),
+                          driver_config=DriverConfig("local", runfs.run_volume_options(
+                              self.run_fs.path(spec.name))) if self.bounded else None)],
             log_config=LogConfig(type="json-file",
                                  config={"max-size": str(log_max), "max-file": "2"}),
         )
@@ -360,6 +468,51 @@ class Sandbox:
             if is_conflict(exc, containing="in progress"):
                 return
             raise
+
+    def managed_volumes(self) -> list[dict[str, Any]]:
+        """This deployment's /run volumes: Docker volumes with its labels (the engine's
+        side, left by a container removed without its volumes) and run filesystems on
+        this host (runfs). Each {"Name", "Kind" ("volume" or "run_fs"), "Created" (epoch
+        seconds), "InUse"}: a volume a container refers to, a filesystem a process holds
+        or whose container still exists, is in use."""
+        labels = [MANAGED_LABEL, f"{INSTANCE_LABEL}={self.config.instance}"]
+        with docker_errors("list volumes"):
+            every = self.api.volumes(filters={"label": labels}).get("Volumes") or []
+            dangling = {v["Name"] for v in self.api.volumes(
+                filters={"label": labels, "dangling": True}).get("Volumes") or []}
+        found: list[dict[str, Any]] = []
+        for volume in every:
+            created = volume.get("CreatedAt") or ""
+            try:
+                when = datetime.fromisoformat(created).timestamp()
+            except ValueError:
+                when = time.time()  # unknown: young, so a sweep waits for it
+            found.append({"Name": volume["Name"], "Kind": "volume", "Created": when,
+                          "InUse": volume["Name"] not in dangling})
+        names = self.run_fs.names()
+        if names:
+            containers = {name.lstrip("/") for c in self.managed_containers()
+                          for name in c.get("Names") or []}
+            free = {entry["Name"]: entry for entry in self.run_fs.leftovers()}
+            for name in names:
+                entry = free.get(name)
+                found.append({"Name": name, "Kind": "run_fs",
+                              "Created": entry["Created"] if entry else time.time(),
+                              "InUse": entry is None or name in containers})
+        return found
+
+    def remove_volume(self, name: str) -> None:
+        """Remove one of `managed_volumes` by name (a run filesystem is unmounted and
+        deleted); a missing one is fine."""
+        if name in self.run_fs.names():
+            self.run_fs.release(name)
+            return
+        try:
+            with docker_errors("remove volume"):
+                self.api.remove_volume(name)
+        except SandboxError as exc:
+            if not cause_is(exc, docker.errors.NotFound):
+                raise
 
     def managed_containers(self, **label_filters: str) -> list[dict[str, Any]]:
         """Containers this deployment created (by label), optionally narrowed further."""

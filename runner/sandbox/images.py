@@ -3,6 +3,10 @@
 The one place digests are checked: the worker (before each create and in the prefetch
 at start) and `runner ops images` both go through `Images`. A pull is always by
 digest, never by tag.
+
+An image that declares a `VOLUME` is refused here too (`ImageNotAllowedError`): the
+engine would give each declared path an anonymous volume on the host's disk, writable
+and executable, around the read-only root and outside the /run bound.
 """
 
 from __future__ import annotations
@@ -14,7 +18,13 @@ import docker
 import docker.errors
 import structlog
 
-from runner.errors import DigestMismatchError, DockerUnavailableError, ImagePullError, SandboxError
+from runner.errors import (
+    DigestMismatchError,
+    DockerUnavailableError,
+    ImageNotAllowedError,
+    ImagePullError,
+    SandboxError,
+)
 from runner.sandbox.spec import IMAGE_ID
 from runner.sandbox.translate import docker_errors
 
@@ -86,6 +96,7 @@ class Images:
         attrs = self._inspect(image_id)
         if attrs is None:
             raise ImagePullError(f"no local image {image_id}", image=image_id)
+        refuse_volumes(image_id, attrs)
         return str(attrs["Id"])
 
     def _check(self, ref: str) -> tuple[str, bool]:
@@ -112,4 +123,20 @@ class Images:
             raise DigestMismatchError(
                 f"local image {attrs.get('Id')} does not carry the pinned digest {ref}",
                 image=ref)
+        refuse_volumes(ref, attrs)
         return str(attrs["Id"]), pulled
+
+
+def declared_volumes(attrs: dict[str, Any]) -> list[str]:
+    """The paths an image's config declares as `VOLUME` (from `inspect_image`)."""
+    return sorted((attrs.get("Config") or {}).get("Volumes") or {})
+
+
+def refuse_volumes(ref: str, attrs: dict[str, Any]) -> None:
+    """Raises: ImageNotAllowedError when the image declares a `VOLUME`."""
+    volumes = declared_volumes(attrs)
+    if volumes:
+        raise ImageNotAllowedError(
+            f"{ref} declares VOLUME {', '.join(volumes)}: each would be a writable, "
+            f"executable disk path outside /run/out and /tmp, so the image is refused",
+            image=ref, volumes=volumes, stage="image")

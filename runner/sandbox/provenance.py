@@ -3,14 +3,21 @@ it applied, compared setting by setting before the container may start.
 
 `expected_settings` is computed from the spec and the platform's config, not from the
 create call, so a create path that drops a setting cannot also hide it.
+
+Besides what `inspect` reports, the receipt holds what this host sees of the /run
+volume's device (`runfs.describe`): a mounted ext4 of the expected size, `noexec`,
+`nosuid`, `nodev`. A create path that drops the output bound (a plain volume, another
+device, a bigger image) or adds a mount (an image `VOLUME`, a bind) is a mismatch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from runner.sandbox import runfs
 from runner.sandbox.spec import CONTAINER_TMP, RUN_DIR, ContainerSpec, SandboxConfig
 
 
@@ -20,11 +27,20 @@ def nano_cpus(cpus: float) -> int:
 
 
 def tmpfs_options(config: SandboxConfig) -> str:
-    return f"rw,noexec,nosuid,nodev,size={config.tmp_size_bytes}"
+    """The /tmp tmpfs: bounded in bytes and inodes, not executable, the processor's
+    user's only."""
+    uid, gid = config.uid_gid
+    return (f"rw,noexec,nosuid,nodev,size={config.tmp_size_bytes},"
+            f"nr_inodes={config.tmp_inodes},uid={uid},gid={gid},mode=0700")
+
+
+def run_fs_path(spec: ContainerSpec, config: SandboxConfig) -> Path:
+    """The /run volume's device: this attempt's filesystem on the worker's host."""
+    return runfs.RunFilesystems(config.run_fs_root, config.instance).path(spec.name)
 
 
 def expected_settings(spec: ContainerSpec, config: SandboxConfig,
-                      image_id: str) -> dict[str, Any]:
+                      image_id: str, *, bounded: bool = True) -> dict[str, Any]:
     """What the manifest and the platform ask of a container, in the shape of
     `applied_settings`."""
     return {
@@ -36,11 +52,29 @@ def expected_settings(spec: ContainerSpec, config: SandboxConfig,
         "tmpfs": {CONTAINER_TMP: tmpfs_options(config)},
         "mounts": [{"type": "volume", "target": RUN_DIR}], "binds": [], "devices": [],
         "pid_mode": "", "log_driver": "json-file",
+        # Every mount the engine will make (image VOLUMEs included), besides the tmpfs.
+        "container_mounts": [{"type": "volume", "destination": RUN_DIR}],
+        # Unbounded only under RUNNER_RUN_OUTPUT_BOUND=off: then a plain volume.
+        "run_volume": ({"driver": "local",
+                        "options": runfs.run_volume_options(run_fs_path(spec, config))}
+                       if bounded else {"driver": None, "options": {}}),
+        "run_fs": (runfs.expected_description(spec.output_bytes, len(spec.input_json))
+                   if bounded else {}),
     }
 
 
-def applied_settings(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """What the engine reports it applied to a created container (`inspect`)."""
+def _run_volume(host: Mapping[str, Any]) -> dict[str, Any]:
+    for mount in host.get("Mounts") or []:
+        if mount.get("Target") == RUN_DIR:
+            driver = (mount.get("VolumeOptions") or {}).get("DriverConfig") or {}
+            return {"driver": driver.get("Name"), "options": dict(driver.get("Options") or {})}
+    return {"driver": None, "options": {}}
+
+
+def applied_settings(attrs: Mapping[str, Any],
+                     run_fs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the engine reports it applied to a created container (`inspect`), and what
+    this host sees at the /run volume's device (`run_fs`, from `runfs.describe`)."""
     host, config = attrs.get("HostConfig") or {}, attrs.get("Config") or {}
     return {
         "image_id": attrs.get("Image"), "user": config.get("User"),
@@ -58,6 +92,11 @@ def applied_settings(attrs: Mapping[str, Any]) -> dict[str, Any]:
         "binds": list(host.get("Binds") or []), "devices": list(host.get("Devices") or []),
         "pid_mode": host.get("PidMode") or "",
         "log_driver": (host.get("LogConfig") or {}).get("Type"),
+        "container_mounts": sorted(
+            ({"type": m.get("Type"), "destination": m.get("Destination")}
+             for m in attrs.get("Mounts") or []), key=lambda m: str(m["destination"])),
+        "run_volume": _run_volume(host),
+        "run_fs": dict(run_fs or {}),
     }
 
 
@@ -68,10 +107,12 @@ def mismatches(expected: Mapping[str, Any], applied: Mapping[str, Any]) -> list[
 
 
 def receipt(spec: ContainerSpec, config: SandboxConfig, image_id: str,
-            attrs: Mapping[str, Any]) -> dict[str, Any]:
+            attrs: Mapping[str, Any], run_fs: Mapping[str, Any] | None = None, *,
+            bounded: bool = True) -> dict[str, Any]:
     """The receipt of a created container: pinned reference, image id, applied settings
     and every mismatch (an empty list lets it start)."""
-    applied = applied_settings(attrs)
+    applied = applied_settings(attrs, run_fs)
     return {"pinned": spec.image, "image_id": applied["image_id"], "applied": applied,
-            "mismatches": mismatches(expected_settings(spec, config, image_id), applied),
+            "mismatches": mismatches(expected_settings(spec, config, image_id,
+                                                       bounded=bounded), applied),
             "verified_at": datetime.now(UTC).isoformat()}

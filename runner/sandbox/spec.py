@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 from runner.manifest.model import Limits
 
@@ -26,6 +27,9 @@ WORKER_LABEL = "io.container-runner.worker-id"
 CONTAINER_TMP = "/tmp"  # noqa: S108
 RUN_DIR = "/run"
 RESULT_PATH = "/run/out/result.json"
+# Where each attempt's /run filesystem (runner/sandbox/runfs.py) is made and mounted on
+# the worker's host, one directory per deployment: the engine must see this path.
+RUN_FS_ROOT = Path("/var/lib/container-runner/run")
 IMAGE_ID = re.compile(r"^sha256:[a-f0-9]{64}$")
 
 LogSink = Callable[[bytes], None]
@@ -37,6 +41,12 @@ class SandboxConfig:
 
     user: str = "65532:65532"
     tmp_size_bytes: int = 64 * 1024 * 1024
+    run_fs_root: Path = RUN_FS_ROOT
+    # RUNNER_RUN_OUTPUT_BOUND=off: where this process cannot make the bounded /run
+    # filesystems (a worker in a container with only the Docker socket), run processors
+    # on a plain volume, unbounded, instead of refusing them; logged at every start.
+    # The default refuses.
+    require_run_bound: bool = True
     stop_grace_seconds: float = 5.0
     result_max_bytes: int = 1024 * 1024
     instance: str = "default"
@@ -59,6 +69,11 @@ class SandboxConfig:
         uid, _, gid = self.user.partition(":")
         return int(uid), int(gid or uid)
 
+    @property
+    def tmp_inodes(self) -> int:
+        """The /tmp tmpfs's inode cap: one per 16 KiB of its size, at least 1024."""
+        return max(1024, self.tmp_size_bytes // (16 * 1024))
+
 
 @dataclass(frozen=True)
 class ContainerSpec:
@@ -72,6 +87,8 @@ class ContainerSpec:
     timeout_seconds: float
     log_cap_bytes: int
     input_json: bytes
+    # Everything the processor may write under /run/out, held while it writes (ENOSPC).
+    output_bytes: int = Limits.output_bytes
     environment: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
 
@@ -98,6 +115,7 @@ def spec_for(*, run_id: str, attempt: int, image: str, limits: Limits,
         timeout_seconds=min(timeout_seconds, limits.timeout_seconds),
         log_cap_bytes=limits.log_bytes,
         input_json=input_json,
+        output_bytes=limits.output_bytes,
         environment={"RUNNER_RUN_ID": run_id, "RUNNER_ATTEMPT": str(attempt)},
         labels={RUN_LABEL: run_id, ATTEMPT_LABEL: str(attempt), **(labels or {})},
     )

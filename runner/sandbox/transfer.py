@@ -2,11 +2,15 @@
 
 Two implementations of one small interface, chosen once per container:
 
-- `VolumeTransfer` writes and reads the volume's directory on the host (the mount
-  point the engine reports). Only for a local engine without user-namespace
-  remapping, and only as root, who can give out/ to the processor's uid.
-- `ArchiveTransfer` uses the engine's put/get archive API, so a worker that only has
-  the Docker socket (in a container of its own, or a remote engine) works too.
+- `VolumeTransfer` writes and reads the attempt's /run filesystem directly, where this
+  worker mounted it on the host (runner/sandbox/runfs.py). Only for a local engine
+  without user-namespace remapping, and only as root, who can give out/ to the
+  processor's uid.
+- `ArchiveTransfer` uses the engine's put/get archive API on the same /run volume
+  (`RUNNER_DIRECT_VOLUME_IO=false`, or when the direct path is undecided).
+
+Both reach the same bounded filesystem: the /run volume is a `local` volume bound to
+it, so neither can put the input or read the result anywhere else.
 
 Both refuse a result that is a link, a FIFO or another non-regular file, or that is
 larger than the cap, with the same verdicts (`_verdict`, `_accepted`), and neither
@@ -21,9 +25,8 @@ import os
 import stat
 import tarfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import docker
 import docker.errors
@@ -236,9 +239,9 @@ class TransferChooser:
         self.api, self.config = api, config
         self._direct: bool | None = None  # decided on first use (one `info` call)
 
-    def for_container(self, container_id: str, attrs: Mapping[str, Any]) -> Transfer:
-        run_dir = self._run_dir(attrs)
-        if run_dir is not None:
+    def for_container(self, container_id: str, run_dir: Path) -> Transfer:
+        """The path for one container whose /run filesystem is mounted at `run_dir`."""
+        if self.direct_io() and os.path.isdir(run_dir) and os.access(run_dir, os.W_OK):
             return VolumeTransfer(run_dir, self.config)
         return ArchiveTransfer(self.api, container_id, self.config)
 
@@ -262,13 +265,3 @@ class TransferChooser:
             # Remapped or rootless engines own the files under other ids than ours.
             self._direct = "userns" not in options and "rootless" not in options
         return self._direct
-
-    def _run_dir(self, attrs: Mapping[str, Any]) -> Path | None:
-        if not self.direct_io():
-            return None
-        for mount in attrs.get("Mounts") or []:
-            if mount.get("Destination") == RUN_DIR and mount.get("Type") == "volume":
-                source = mount.get("Source")
-                if source and os.path.isdir(source) and os.access(source, os.W_OK):
-                    return Path(source)
-        return None

@@ -21,7 +21,6 @@ from typing import Any
 import docker
 import pytest
 import redis
-import yaml
 
 from runner.authoring.publish import publish
 from runner.client import RunnerClient
@@ -29,6 +28,7 @@ from runner.control.keys import Keys
 from runner.control.store import Store
 from runner.domain import Role
 from runner.execution.wiring import sandbox_config
+from runner.manifest.parse import dump_manifest
 from runner.sandbox import MANAGED_LABEL, RUN_LABEL, WORKER_LABEL, SandboxConfig
 from runner.settings import Settings, load_settings
 from tests.support.processes import WorkerProcess
@@ -72,8 +72,7 @@ def published(docker_client: docker.DockerClient) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(path: Path, entries: dict[str, dict[str, Any]]) -> Path:
-    path.write_text(yaml.safe_dump({"version": 1, "processors": list(entries.values())},
-                                   sort_keys=False))
+    path.write_text(dump_manifest({"version": 1, "processors": list(entries.values())}))
     return path
 
 

@@ -26,6 +26,7 @@ from runner.control.store import Store
 from runner.domain import ErrorCode, Finish, NewRun, Run, RunStatus
 from runner.execution.wiring import build_reconciler
 from runner.manifest import load_manifest
+from runner.manifest.parse import dump_manifest
 from runner.sandbox import ATTEMPT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
 from runner.settings import Settings
 from tests.integration.conftest import SESSION, containers_left
@@ -111,7 +112,7 @@ def test_dead_letter_then_replay_to_success(start_worker: StartWorker, store: St
     for entry in manifest["processors"]:
         if entry["name"] == "fixme":
             entry["image"] = published["echo"]["image"]
-    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    path.write_text(dump_manifest(manifest))
     try:
         # ...and replays the dead letter.
         from runner.control.runs import replay

@@ -34,6 +34,7 @@ from runner.control.runs import Submission, submit
 from runner.control.store import Store
 from runner.domain import Role, Run, RunStatus, utcnow
 from runner.manifest import load_manifest
+from runner.manifest.parse import dump_manifest
 from runner.sandbox import INSTANCE_LABEL
 from tests.support.net import free_port, http_status
 from tests.support.processes import RunnerProcess, start_api_process, start_worker_process
@@ -127,8 +128,7 @@ class Stack:
 
     def write_manifest(self, entries: list[dict[str, Any]], path: Path | None = None) -> Path:
         target = path or self.manifest
-        target.write_text(yaml.safe_dump({"version": 1, "processors": entries},
-                                         sort_keys=False))
+        target.write_text(dump_manifest({"version": 1, "processors": entries}))
         return target
 
     def entry(self, name: str, image_of: str, **extra: Any) -> dict[str, Any]:

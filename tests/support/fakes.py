@@ -99,6 +99,9 @@ class FakeSandbox:
         self.calls: list[tuple[str, str]] = []  # every call in order: (method, argument)
         self.prefetched: list[list[str]] = []
         self.fail_listing: BaseException | None = None  # raised by managed_containers
+        # /run volumes the engine "has": Name -> {"Name", "Kind", "Created", "InUse"}
+        self.volumes: dict[str, dict[str, Any]] = {}
+        self.removed_volumes: list[str] = []
         self.fail_removal: BaseException | None = None  # raised by remove
 
     # Scripting ---------------------------------------------------------------------
@@ -243,6 +246,16 @@ class FakeSandbox:
             return [dict(c) for c in self.containers.values()
                     if all(k in c["Labels"] and (v is None or c["Labels"][k] == v)
                            for k, v in wanted.items())]
+
+    def managed_volumes(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(v) for v in self.volumes.values()]
+
+    def remove_volume(self, name: str) -> None:
+        with self._lock:
+            self.calls.append(("remove_volume", name))
+            self.removed_volumes.append(name)
+            self.volumes.pop(name, None)
 
     def prefetch(self, refs: list[str]) -> dict[str, str]:
         self.prefetched.append(list(refs))

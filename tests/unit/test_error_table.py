@@ -41,6 +41,7 @@ EXPECTED: dict[type[RunnerError], tuple[int, str]] = {
     errors.DockerUnavailableError: INTERNAL,
     errors.ImagePullError: INTERNAL,
     errors.DigestMismatchError: INTERNAL,
+    errors.ImageNotAllowedError: INTERNAL,
     errors.SandboxMismatchError: INTERNAL,
     errors.PublishError: INTERNAL,
 }

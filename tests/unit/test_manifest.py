@@ -216,4 +216,5 @@ def test_shipped_example_manifest_is_valid() -> None:
 
 def test_zero_timeout_is_refused() -> None:
     found = problems(GOOD.replace("timeout: 30s", "timeout: 0s"))
-    assert found == ["m.yaml:8: processors[0].limits.timeout: must be above 0"]
+    assert found == ["m.yaml:8: processors[0].limits.timeout: 0s is below the minimum of 1s "
+                     "(no limit may mean unlimited)"]

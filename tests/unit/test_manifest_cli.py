@@ -126,8 +126,48 @@ def test_validate_duplicate_versions_and_zero_timeout(tmp_path: Path) -> None:
         """), "  ")
     result = runner.invoke(app, ["manifest", "validate", str(write(tmp_path, "d.yaml", text))])
     assert result.exit_code == 1
-    assert [(p["line"], p["path"]) for p in problems(result.stderr)] == [("7", "processors[1]")]
+    # Both problems, each on its line: the duplicate does not hide the entry's limits.
+    assert [(p["line"], p["path"]) for p in problems(result.stderr)] == [
+        ("7", "processors[1]"), ("10", "processors[1].limits.timeout")]
     assert "duplicate processor echo version 1.0.0" in result.stderr
+    assert "0ms is below the minimum of 1s" in result.stderr
+
+
+def test_validate_names_each_limit_below_its_floor(tmp_path: Path) -> None:
+    text = GOOD.replace("limits: {cpus: 0.5, memory: 64Mi}", textwrap.dedent("""\
+        limits:
+              cpus: 0.004
+              memory: "0.1"
+              log_bytes: 0
+              output_bytes: 512
+              timeout: 0s""").rstrip())
+    result = runner.invoke(app, ["manifest", "validate", str(write(tmp_path, "f.yaml", text))])
+    assert result.exit_code == 1
+    found = problems(result.stderr)
+    assert [(p["line"], p["path"]) for p in found] == [
+        ("7", "processors[0].limits.cpus"), ("8", "processors[0].limits.memory"),
+        ("9", "processors[0].limits.log_bytes"), ("10", "processors[0].limits.output_bytes"),
+        ("11", "processors[0].limits.timeout")]
+    assert all("below the minimum" in p["message"] for p in found)
+    assert "0.1 is 0 bytes" in found[1]["message"]
+
+
+def test_validate_names_both_lines_of_a_duplicate_key(tmp_path: Path) -> None:
+    text = GOOD + f"    image: {REPO}/echo@{B}\n"
+    result = runner.invoke(app, ["manifest", "validate", str(write(tmp_path, "k.yaml", text))])
+    assert result.exit_code == 1
+    [found] = problems(result.stderr)
+    assert (found["line"], found["path"]) == ("7", "processors[0].image")
+    assert found["message"] == ("duplicate key 'image' (first at line 5, again at line 7): "
+                                "YAML keys must be unique")
+
+
+def test_validate_refuses_an_alias(tmp_path: Path) -> None:
+    text = GOOD.replace("limits: {cpus: 0.5, memory: 64Mi}", "limits: &l {cpus: 0.5}")
+    result = runner.invoke(app, ["manifest", "validate", str(write(tmp_path, "a.yaml", text))])
+    assert result.exit_code == 1
+    assert result.stderr == (f"error: {tmp_path / 'a.yaml'}:6: not valid YAML: a YAML anchor "
+                             "(&l) is not allowed in a manifest: write each value out\n")
 
 
 # diff ---------------------------------------------------------------------

@@ -343,3 +343,24 @@ def test_with_redis_down_leases_and_containers_are_still_recovered(
     assert report.requeued == [] and queue.enqueued == []
     queue.down = False  # Redis is back: the next pass enqueues what is due
     assert sorted(reconciler.run_once().requeued) == sorted([due.id, expired.id])
+
+
+def test_retention_deletes_one_batch_of_old_runs_per_pass(
+        make_reconciler: ReconcilerMaker, lifecycle: Lifecycle, store: Store,
+        new_run: NewRunMaker) -> None:
+    ended = []
+    for _ in range(3):
+        run = running(lifecycle, new_run())
+        assert lifecycle.finish(run.id, 1, Finish(RunStatus.SUCCEEDED))
+        ended.append(run)
+    set_run(store, ended[0].id, finished_at=past(3 * 86400))
+    set_run(store, ended[1].id, finished_at=past(3 * 86400))
+    kept = running(lifecycle, new_run())
+    set_run(store, kept.id, started_at=past(9 * 86400))  # old, but still running
+    assert make_reconciler().run_once().pruned == 0  # retention off by default
+    reconciler = make_reconciler(retention_days=2, retention_batch=1)
+    assert reconciler.run_once().pruned == 1
+    assert reconciler.run_once().pruned == 1
+    assert reconciler.run_once().pruned == 0
+    assert [store.get_run(r.id) is None for r in ended] == [True, True, False]
+    assert current(store, kept.id).status is RunStatus.RUNNING

@@ -199,3 +199,55 @@ def test_the_metrics_gauge_counts_runs_by_status(store: Store, tmp_path: Path) -
         "runner_runs": {(("status", "queued"),): 2, (("status", "succeeded"),): 1},
         "runner_database_up": {(): 1}}
     assert gauges(_Down()) == {"runner_runs": {}, "runner_database_up": {(): 0}}
+
+
+def test_retention_deletes_old_ended_runs_in_batches_and_keeps_the_rest(store: Store) -> None:
+    old = [submit(store) for _ in range(5)]
+    for run in old:
+        end(store, run, RunStatus.SUCCEEDED, output=b"old output")
+    queued, running = submit(store), submit(store)
+    start(store, running, output=b"live")
+    recent = submit(store)
+    end(store, recent, RunStatus.FAILED)
+    cutoff = utcnow() + LATER  # every run that ended so far ended before it
+    assert store.count_runs_ended_before(cutoff=cutoff) == 6
+    assert store.prune_runs_ended_before(cutoff=cutoff, batch=4) == 4
+    assert store.prune_runs_ended_before(cutoff=cutoff, batch=4) == 2
+    assert store.prune_runs_ended_before(cutoff=cutoff, batch=4) == 0
+    for run in [*old, recent]:
+        assert store.get_run(run.id) is None
+        assert store.attempts(run.id) == [] and store.read_logs(run.id) == b""
+    # Queued and running runs are never deleted, whatever their age.
+    assert store.get_run(queued.id) is not None
+    assert store.read_logs(running.id) == b"live"
+
+
+def test_retention_keeps_runs_that_ended_after_the_cutoff(store: Store) -> None:
+    early = submit(store)
+    end(store, early, RunStatus.SUCCEEDED)
+    cutoff = utcnow()
+    late = submit(store)
+    end(store, late, RunStatus.SUCCEEDED)  # ends after the cutoff
+    assert store.prune_runs_ended_before(cutoff=cutoff) == 1
+    assert store.get_run(early.id) is None and store.get_run(late.id) is not None
+
+
+def test_the_runs_gauge_counts_at_most_once_per_ttl(store: Store, monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
+    """Regression: every unauthenticated scrape ran a GROUP BY over all runs."""
+    from api.metrics import RunsCollector
+
+    calls: list[int] = []
+    real = store.count_runs_by_status
+
+    def counted(**kwargs: Any) -> dict[str, int]:
+        calls.append(1)
+        return real(**kwargs)
+
+    monkeypatch.setattr(store, "count_runs_by_status", counted)
+    collector = RunsCollector(store, ttl=3600)
+    submit(store)
+    for _ in range(20):
+        families = list(collector.collect())
+    assert len(calls) == 1
+    assert families[0].samples[0].value == 1

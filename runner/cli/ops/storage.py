@@ -1,4 +1,5 @@
-"""`runner ops images`, `disk`, `prune-logs`, `prune-images` and `manifest-install`."""
+"""`runner ops images`, `disk`, `prune-logs`, `prune-runs`, `prune-images` and
+`manifest-install`."""
 
 from __future__ import annotations
 
@@ -166,6 +167,35 @@ def prune_logs(older_than: Annotated[str, typer.Option(
     verb = "deleted" if yes else "would delete (add --yes)"
     typer.echo(f"{verb} {chunks} log chunk(s), {size} bytes, of runs ended before "
                f"{cutoff.isoformat(timespec='seconds')}")
+
+
+@ops_app.command("prune-runs")
+@ops_command
+def prune_runs(older_than: Annotated[str, typer.Option(
+                   help="Runs that ended longer ago than this, e.g. 30d.")],
+               batch: Annotated[int, typer.Option(min=1, max=100_000,
+                                                  help="Runs deleted per transaction.")] = 500,
+               yes: Annotated[bool, typer.Option("--yes", help="Delete; without it, count.")]
+               = False) -> None:
+    """Delete runs that ended before a cutoff, with their attempts and stored output,
+    in small batches (what RUNNER_RETENTION_DAYS does in the reconciler). Queued and
+    running runs are never deleted."""
+    cfg = settings()
+    store = Store(cfg.database_url)
+    cutoff = utcnow() - timedelta(seconds=duration(older_than, "--older-than"))
+    try:
+        total = store.count_runs_ended_before(cutoff=cutoff)
+        if not yes:
+            typer.echo(f"would delete {total} run(s) ended before "
+                       f"{cutoff.isoformat(timespec='seconds')} (add --yes)")
+            return
+        deleted = 0
+        while (done := store.prune_runs_ended_before(cutoff=cutoff, batch=batch)):
+            deleted += done
+            typer.echo(f"deleted {deleted} of {total} run(s)", err=True)
+    finally:
+        store.close()
+    typer.echo(f"deleted {deleted} run(s) ended before {cutoff.isoformat(timespec='seconds')}")
 
 
 @ops_app.command("prune-images")
