@@ -30,7 +30,7 @@ from runner.authoring.publish import publish
 from runner.control.keys import Keys
 from runner.control.store import Store
 from runner.domain import Role
-from runner.manifest.parse import dump_manifest
+from runner.manifest.yamlio import dump_manifest
 from runner.sandbox import INSTANCE_LABEL, MANAGED_LABEL
 from runner.settings import load_settings
 from tests.support.net import free_port

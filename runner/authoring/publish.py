@@ -21,7 +21,7 @@ import structlog
 
 from runner.errors import ManifestError, PublishError
 from runner.manifest import Processor, parse_manifest
-from runner.manifest.parse import dump_manifest, load_yaml
+from runner.manifest.yamlio import dump_manifest, load_yaml
 
 log = structlog.get_logger(__name__)
 

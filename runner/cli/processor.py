@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from runner.cli.common import command, docker_client, load_input, print_json, settings
-from runner.manifest.parse import dump_manifest
+from runner.manifest.yamlio import dump_manifest
 
 app = typer.Typer(help="Build and publish processor images.", no_args_is_help=True)
 

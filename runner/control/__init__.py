@@ -1,10 +1,11 @@
 """The control layer: the database and Redis side, where the truth about runs lives.
 
-Owns the schema (`models`), every SQL statement (`store`, `reports`, `keys`,
-`lifecycle`), the run state machine and its run-end listeners (`lifecycle`), the
-worker side's one door to all of it (`ledger`), submission and replay (`runs`), the
-RQ queue (`queue`), run-end notices over Redis (`notify`), rate limits
-(`ratelimit`), retry decisions (`retry`) and migrations (`migrate`).
+Owns the schema (`models`), every SQL statement (`store`, `logstore`, `reports`,
+`keys`, `lifecycle`), strict JSON for client input (`strictjson`), the run state
+machine and its run-end listeners (`lifecycle`), the worker side's one door to all
+of it (`ledger`), submission and replay (`runs`), the RQ queue (`queue`), run-end
+notices over Redis (`notify`), rate limits (`ratelimit`), retry decisions (`retry`)
+and migrations (`migrate`).
 
 May import: the shared modules (`runner.domain`, `errors`, `settings`, `units`),
 `runner.manifest` and `runner.observability`. Never Docker, the sandbox, the

@@ -20,9 +20,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from runner.control.logstore import captured_bytes
 from runner.control.models import AttemptRow, RunRow, SlotRow
 from runner.control.rows import run_from_row
-from runner.control.store import Store, captured_bytes, rows_changed
+from runner.control.store import Store, rows_changed
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
 from runner.errors import ConflictError, NotFoundError
 

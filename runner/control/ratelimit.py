@@ -38,14 +38,8 @@ class RateLimiter:
             return
         now = time.time()
         window = int(now // window_seconds)
-        key = f"{self.prefix}:{name}:{window}"
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.incr(key)
-            pipe.expire(key, window_seconds + 1)
-            count = int(pipe.execute()[0])
-        except RedisError as exc:
-            log.warning("rate_limit_unavailable", name=name, error=str(exc))
+        count = self._count(name, window, window_seconds)
+        if count is None:
             return
         if count > limit:
             retry_after = max(1, math.ceil((window + 1) * window_seconds - now))
@@ -73,15 +67,23 @@ class RateLimiter:
         `window_seconds` from now. 0 disables it."""
         if limit <= 0:
             return
-        window = int(time.time() // window_seconds)
+        count = self._count(name, int(time.time() // window_seconds), window_seconds)
+        if count is None or count < limit:
+            return
+        try:
+            self.redis.set(f"{self.prefix}:block:{name}", count, ex=window_seconds, nx=True)
+        except RedisError as exc:
+            log.warning("rate_limit_unavailable", name=name, error=str(exc))
+
+    def _count(self, name: str, window: int, window_seconds: int) -> int | None:
+        """One more event of `name` in clock window `window`: the count so far, or None
+        when Redis cannot be reached (logged; the caller lets the request through)."""
         key = f"{self.prefix}:{name}:{window}"
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.incr(key)
             pipe.expire(key, window_seconds + 1)
-            count = int(pipe.execute()[0])
-            if count >= limit:
-                self.redis.set(f"{self.prefix}:block:{name}", count, ex=window_seconds,
-                               nx=True)
+            return int(pipe.execute()[0])
         except RedisError as exc:
             log.warning("rate_limit_unavailable", name=name, error=str(exc))
+            return None

@@ -28,7 +28,7 @@ from runner.errors import (
     UnknownProcessorError,
 )
 from runner.manifest import Manifest, Processor
-from runner.manifest.parse import (
+from runner.manifest.inputschema import (
     INPUT_PATTERN_BUDGET_SECONDS,
     PatternTimeoutError,
     input_schema_validator,

@@ -24,14 +24,11 @@ from sqlalchemy import (
     Engine,
     Executable,
     LargeBinary,
-    Select,
     Text,
     case,
     create_engine,
     event,
     func,
-    insert,
-    literal,
     select,
     text,
     type_coerce,
@@ -45,7 +42,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, defer, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 
-from runner.control.models import AttemptRow, LogChunkRow, RunRow, TenantRow
+from runner.control.logstore import StoreLogs
+from runner.control.models import AttemptRow, RunRow, TenantRow
 from runner.control.reports import StoreReports
 from runner.control.rows import aware, run_from_row
 from runner.domain import NewRun, Run, RunStatus, utcnow
@@ -88,29 +86,6 @@ def decode_cursor(cursor: str) -> str:
     return value
 
 
-def captured_bytes(run_id: str) -> Select[Any]:
-    """Bytes of output stored for a run, over every attempt (a query to run or embed)."""
-    return (select(func.coalesce(func.sum(func.length(LogChunkRow.data)), 0))
-            .where(LogChunkRow.run_id == run_id))
-
-
-def log_chunks_since(run_id: str, offset: int) -> Select[int, bytes]:
-    """The run's log chunks that end after byte `offset`, in order: what a reader that
-    already has `offset` bytes still needs (a query to run or count).
-
-    The lower bound on `offset` (the start of the chunk holding byte `offset`) lets the
-    `(run_id, offset)` index skip every earlier chunk; the `offset + length` condition
-    then drops a chunk that ends exactly at `offset`.
-    """
-    start = (select(func.coalesce(func.max(LogChunkRow.offset), 0))
-             .where(LogChunkRow.run_id == run_id, LogChunkRow.offset <= offset)
-             .scalar_subquery())
-    return (select(LogChunkRow.offset, LogChunkRow.data)
-            .where(LogChunkRow.run_id == run_id, LogChunkRow.offset >= start,
-                   LogChunkRow.offset + func.length(LogChunkRow.data) > offset)
-            .order_by(LogChunkRow.offset))
-
-
 @dataclass(frozen=True)
 class RunPage:
     """A page of runs (`Store.list_page`). `left_out` names, per run id, the values
@@ -127,7 +102,7 @@ def rows_changed(session: Session, statement: Executable) -> int:
     return result.rowcount
 
 
-class Store(StoreReports):
+class Store(StoreLogs, StoreReports):
     """All database access. One per process; thread-safe."""
 
     def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 10,
@@ -359,60 +334,6 @@ class Store(StoreReports):
                 .where(AttemptRow.run_id == run_id, AttemptRow.number == attempt)
                 .values(**{k: v for k, v in values.items() if v is not None})
             )
-
-    def append_log(self, run_id: str, attempt: int, *, offset: int, data: bytes) -> None:
-        """Store one chunk of captured output, fenced by the attempt still running.
-
-        One INSERT ... SELECT that takes no lock on the run's row, so a worker frozen
-        mid-write cannot block the reconciler from taking its run back. The run's
-        `log_bytes` is brought up to date when the attempt ends.
-        """
-        live = select(literal(run_id), literal(attempt), literal(offset),
-                      literal(data, LargeBinary())).where(
-            RunRow.id == run_id, RunRow.attempt == attempt,
-            RunRow.status == RunStatus.RUNNING.value)
-        with self.session() as session:
-            session.execute(insert(LogChunkRow).from_select(
-                ["run_id", "attempt", "offset", "data"], live))
-
-    def read_logs_since(self, run_id: str, offset: int, limit: int) -> bytes:
-        """Up to `limit` bytes of captured output from byte `offset` on, reading only
-        the chunks that end after `offset` (what a follower polls with), and of those
-        only as many as `limit` needs."""
-        out = bytearray()
-        with self.session() as session:
-            rows = session.execute(log_chunks_since(run_id, offset)
-                                   .execution_options(yield_per=8))
-            for start, data in rows:
-                out += data[max(0, offset - start):]
-                if len(out) >= limit:
-                    break
-            rows.close()
-        return bytes(out[:limit])
-
-    def read_logs(self, run_id: str, *, offset: int = 0, limit: int | None = None) -> bytes:
-        """Captured output from byte `offset` on (all attempts, in order)."""
-        with self.session() as session:
-            chunks = session.execute(
-                select(LogChunkRow.offset, LogChunkRow.data)
-                .where(LogChunkRow.run_id == run_id)
-                .order_by(LogChunkRow.offset)
-            ).all()
-        out = bytearray()
-        for start, data in chunks:
-            end = start + len(data)
-            if end <= offset:
-                continue
-            out += data[max(0, offset - start):]
-            if limit is not None and len(out) >= limit:
-                return bytes(out[:limit])
-        return bytes(out)
-
-    def log_offset(self, run_id: str) -> int:
-        """Bytes of output captured so far, over every attempt."""
-        with self.session() as session:
-            total = session.scalar(captured_bytes(run_id))
-        return int(total or 0)
 
     def attempts(self, run_id: str) -> list[dict[str, Any]]:
         with self.session() as session:

@@ -1,8 +1,10 @@
 """The manifest layer: which processor versions may run, on which pinned image.
 
 Owns the allowlist's model (`model`), its parsing and validation with every problem
-named by line (`parse`), hot reload in long-running processes (`source`), pinning an
-entry (`pin`) and comparing two manifests (`diff`).
+named by line (`parse`), reading and writing its YAML safely (`yamlio`: no anchors,
+no repeated keys, a size cap), the bounded validator of an `input_schema`
+(`inputschema`), hot reload in long-running processes (`source`), pinning an entry
+(`pin`) and comparing two manifests (`diff`).
 
 May import: `runner.errors` and `runner.units` only. Every other layer may import
 it; it knows nothing of Docker, the database or HTTP.

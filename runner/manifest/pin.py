@@ -10,13 +10,8 @@ import yaml
 
 from runner.errors import ManifestError
 from runner.manifest.model import Manifest
-from runner.manifest.parse import (
-    YamlLoader,
-    dump_manifest,
-    image_problem,
-    load_manifest,
-    parse_manifest,
-)
+from runner.manifest.parse import image_problem, load_manifest, parse_manifest
+from runner.manifest.yamlio import YamlLoader, dump_manifest
 
 
 def entry_for(*, name: str, version: str, image: str) -> dict[str, Any]:

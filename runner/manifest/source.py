@@ -11,7 +11,8 @@ import structlog
 
 from runner.errors import ManifestError
 from runner.manifest.model import Manifest
-from runner.manifest.parse import load_manifest, parse_manifest, read_text, revision_of
+from runner.manifest.parse import load_manifest, parse_manifest, revision_of
+from runner.manifest.yamlio import read_text
 
 log = structlog.get_logger(__name__)
 

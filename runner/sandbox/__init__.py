@@ -4,8 +4,9 @@ Owns every Docker call of a run: the container's spec and labels (`spec`), the
 create/verify/start/wait/remove lifecycle (`engine`), the one translator of
 docker-py errors (`translate`), pinned images and their digests (`images`), the two
 paths for input and result files (`transfer`), each attempt's bounded /run
-filesystem (`runfs`), the provenance receipt (`provenance`) and log capture
-(`logpump`).
+filesystem (`runfs`), what the host and engine can enforce (`hostcheck`), leftover
+volumes (`volumes`), background removal (`remover`), the provenance receipt
+(`provenance`) and log capture (`logpump`).
 
 May import: `runner.domain`, `runner.errors`, `runner.units`, `runner.manifest.model`
 and `runner.observability.telemetry` (stage timing). Never FastAPI, SQLAlchemy,

@@ -16,12 +16,9 @@ from __future__ import annotations
 import contextvars
 import functools
 import math
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import docker
@@ -32,9 +29,10 @@ from docker.types import DriverConfig, LogConfig, Mount
 
 from runner.errors import DockerUnavailableError, SandboxError, SandboxMismatchError
 from runner.observability.telemetry import NullStages, StageObserver
-from runner.sandbox import provenance, runfs
+from runner.sandbox import hostcheck, provenance, runfs, volumes
 from runner.sandbox.images import Images
 from runner.sandbox.logpump import LogPump
+from runner.sandbox.remover import Remover
 from runner.sandbox.runfs import RunFilesystems, RunFs
 from runner.sandbox.spec import (
     CONTAINER_TMP,
@@ -52,36 +50,6 @@ from runner.sandbox.transfer import ArchiveTransfer, Transfer, TransferChooser
 from runner.sandbox.translate import cause_is, docker_errors, is_conflict
 
 log = structlog.get_logger(__name__)
-
-
-class _Remover:
-    """Runs removals one after another in a daemon thread, in submission order."""
-
-    def __init__(self) -> None:
-        self._tasks: queue.Queue[Callable[[], None]] = queue.Queue()
-        threading.Thread(target=self._loop, name="remover", daemon=True).start()
-
-    def submit(self, task: Callable[[], None]) -> None:
-        self._tasks.put(task)
-
-    def _loop(self) -> None:
-        while True:
-            task = self._tasks.get()
-            try:
-                task()
-            except Exception:  # one failed removal must not stop the rest
-                log.exception("background_remove_failed")
-            finally:
-                self._tasks.task_done()
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until every submitted removal is done; False if `timeout` passed first."""
-        deadline = time.monotonic() + timeout
-        while self._tasks.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
-        return True
 
 
 @dataclass
@@ -106,7 +74,7 @@ class Sandbox:
         self.run_fs = RunFilesystems(config.run_fs_root, config.instance)
         self._bound_problem: str | None = None  # "" once known to be fine
         self._engine_sees_run_fs = False  # proven on the first container
-        self._remover = _Remover() if config.remove_in_background else None
+        self._remover = Remover() if config.remove_in_background else None
         if self.api.base_url.startswith("http+docker:"):
             # A local socket: no proxy or .netrc can apply, and requests would look
             # them up in the environment on every call (about 2 ms of CPU per run).
@@ -136,13 +104,7 @@ class Sandbox:
         """
         with docker_errors("info"):
             info = self.api.info()
-        missing = [what for key, what in (
-            ("SwapLimit", "swap limits (cgroup v1: boot the kernel with swapaccount=1)"),
-            ("PidsLimit", "pids limits (the pids cgroup controller)"),
-            ("MemoryLimit", "memory limits")) if info.get(key) is False]
-        if missing:
-            raise SandboxError("the Docker engine cannot enforce " + "; ".join(missing)
-                               + ": processors would run without them, so no run starts")
+        hostcheck.refuse_unenforceable(info)
         problem = self.bound_problem(info)
         if problem and self.config.require_run_bound:
             raise SandboxError(f"refusing to run processors without their output_bytes bound "
@@ -161,18 +123,7 @@ class Sandbox:
             DockerUnavailableError: the engine does not answer (nothing is decided).
         """
         if self._bound_problem is None:
-            problem = RunFilesystems.problem()
-            if problem is None and not self.api.base_url.startswith("http+docker:"):
-                problem = (f"the engine at {self.api.base_url} is not on this host, where "
-                           f"the filesystem is made")
-            if problem is None:
-                if info is None:
-                    with docker_errors("info"):
-                        info = self.api.info()
-                options = " ".join(info.get("SecurityOptions") or [])
-                if "userns" in options or "rootless" in options:
-                    problem = ("the engine remaps user ids (userns-remap or rootless), so "
-                               "it would not see this worker's mounts under their owners")
+            problem = hostcheck.bound_problem(self.api, info)
             self._bound_problem = problem or ""
         return self._bound_problem
 
@@ -470,49 +421,13 @@ class Sandbox:
             raise
 
     def managed_volumes(self) -> list[dict[str, Any]]:
-        """This deployment's /run volumes: Docker volumes with its labels (the engine's
-        side, left by a container removed without its volumes) and run filesystems on
-        this host (runfs). Each {"Name", "Kind" ("volume" or "run_fs"), "Created" (epoch
-        seconds), "InUse"}: a volume a container refers to, a filesystem a process holds
-        or whose container still exists, is in use."""
-        labels = [MANAGED_LABEL, f"{INSTANCE_LABEL}={self.config.instance}"]
-        with docker_errors("list volumes"):
-            every = self.api.volumes(filters={"label": labels}).get("Volumes") or []
-            dangling = {v["Name"] for v in self.api.volumes(
-                filters={"label": labels, "dangling": True}).get("Volumes") or []}
-        found: list[dict[str, Any]] = []
-        for volume in every:
-            created = volume.get("CreatedAt") or ""
-            try:
-                when = datetime.fromisoformat(created).timestamp()
-            except ValueError:
-                when = time.time()  # unknown: young, so a sweep waits for it
-            found.append({"Name": volume["Name"], "Kind": "volume", "Created": when,
-                          "InUse": volume["Name"] not in dangling})
-        names = self.run_fs.names()
-        if names:
-            containers = {name.lstrip("/") for c in self.managed_containers()
-                          for name in c.get("Names") or []}
-            free = {entry["Name"]: entry for entry in self.run_fs.leftovers()}
-            for name in names:
-                entry = free.get(name)
-                found.append({"Name": name, "Kind": "run_fs",
-                              "Created": entry["Created"] if entry else time.time(),
-                              "InUse": entry is None or name in containers})
-        return found
+        """This deployment's /run volumes and run filesystems (`volumes.managed`)."""
+        return volumes.managed(self.api, self.config.instance, self.run_fs,
+                               self.managed_containers())
 
     def remove_volume(self, name: str) -> None:
-        """Remove one of `managed_volumes` by name (a run filesystem is unmounted and
-        deleted); a missing one is fine."""
-        if name in self.run_fs.names():
-            self.run_fs.release(name)
-            return
-        try:
-            with docker_errors("remove volume"):
-                self.api.remove_volume(name)
-        except SandboxError as exc:
-            if not cause_is(exc, docker.errors.NotFound):
-                raise
+        """Remove one of `managed_volumes` by name; a missing one is fine."""
+        volumes.remove(self.api, self.run_fs, name)
 
     def managed_containers(self, **label_filters: str) -> list[dict[str, Any]]:
         """Containers this deployment created (by label), optionally narrowed further."""

@@ -28,7 +28,7 @@ from runner.control.keys import Keys
 from runner.control.store import Store
 from runner.domain import Role
 from runner.execution.wiring import sandbox_config
-from runner.manifest.parse import dump_manifest
+from runner.manifest.yamlio import dump_manifest
 from runner.sandbox import MANAGED_LABEL, RUN_LABEL, WORKER_LABEL, SandboxConfig
 from runner.settings import Settings, load_settings
 from tests.support.processes import WorkerProcess

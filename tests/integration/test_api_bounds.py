@@ -23,8 +23,9 @@ from sqlalchemy import delete, func, insert, literal, select, update
 from runner.client import RunnerClient
 from runner.control.keys import Keys
 from runner.control.lifecycle import Lifecycle
+from runner.control.logstore import log_chunks_since
 from runner.control.models import RunRow
-from runner.control.store import Store, log_chunks_since, new_run_id
+from runner.control.store import Store, new_run_id
 from runner.domain import NewRun, Role, RunStatus
 from runner.settings import Settings
 from tests.integration.conftest import SESSION

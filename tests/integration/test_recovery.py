@@ -26,7 +26,7 @@ from runner.control.store import Store
 from runner.domain import ErrorCode, Finish, NewRun, Run, RunStatus
 from runner.execution.wiring import build_reconciler
 from runner.manifest import load_manifest
-from runner.manifest.parse import dump_manifest
+from runner.manifest.yamlio import dump_manifest
 from runner.sandbox import ATTEMPT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
 from runner.settings import Settings
 from tests.integration.conftest import SESSION, containers_left

@@ -34,7 +34,7 @@ from runner.control.runs import Submission, submit
 from runner.control.store import Store
 from runner.domain import Role, Run, RunStatus, utcnow
 from runner.manifest import load_manifest
-from runner.manifest.parse import dump_manifest
+from runner.manifest.yamlio import dump_manifest
 from runner.sandbox import INSTANCE_LABEL
 from tests.support.net import free_port, http_status
 from tests.support.processes import RunnerProcess, start_api_process, start_worker_process

@@ -28,7 +28,7 @@ from runner.manifest.model import (
     MIN_OUTPUT_BYTES,
     MIN_TIMEOUT_SECONDS,
 )
-from runner.manifest.parse import MAX_MANIFEST_BYTES
+from runner.manifest.yamlio import MAX_MANIFEST_BYTES
 
 IMAGE = "127.0.0.1:5000/processors/echo@sha256:" + "a" * 64
 

@@ -1,0 +1,49 @@
+"""What this engine and this host can enforce, checked before any processor runs.
+
+`refuse_unenforceable`: an engine without swap, pids or memory limits would only give
+runs that end as sandbox_mismatch. `bound_problem`: why this process cannot make the
+bounded /run filesystems (runfs) that the engine would see, or None.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import docker
+
+from runner.errors import SandboxError
+from runner.sandbox.runfs import RunFilesystems
+from runner.sandbox.translate import docker_errors
+
+
+def refuse_unenforceable(info: dict[str, Any]) -> None:
+    """Raises: SandboxError naming each limit the engine cannot enforce, with the fix."""
+    missing = [what for key, what in (
+        ("SwapLimit", "swap limits (cgroup v1: boot the kernel with swapaccount=1)"),
+        ("PidsLimit", "pids limits (the pids cgroup controller)"),
+        ("MemoryLimit", "memory limits")) if info.get(key) is False]
+    if missing:
+        raise SandboxError("the Docker engine cannot enforce " + "; ".join(missing)
+                           + ": processors would run without them, so no run starts")
+
+
+def bound_problem(api: docker.APIClient, info: dict[str, Any] | None = None) -> str | None:
+    """The filesystem is made by this process on the engine's host, so the engine must
+    be local, see this process's mounts and use its user ids.
+
+    Raises:
+        DockerUnavailableError: the engine does not answer.
+    """
+    problem = RunFilesystems.problem()
+    if problem is None and not api.base_url.startswith("http+docker:"):
+        problem = (f"the engine at {api.base_url} is not on this host, where the "
+                   f"filesystem is made")
+    if problem is None:
+        if info is None:
+            with docker_errors("info"):
+                info = api.info()
+        options = " ".join(info.get("SecurityOptions") or [])
+        if "userns" in options or "rootless" in options:
+            problem = ("the engine remaps user ids (userns-remap or rootless), so it would "
+                       "not see this worker's mounts under their owners")
+    return problem
