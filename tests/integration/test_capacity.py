@@ -54,7 +54,7 @@ def commits_per_second(database_url: str, seconds: float = 5.0) -> float:
 
 def test_a_thousand_runs_at_capacity_stay_parked_and_starve_nobody(
         start_worker: StartWorker, store: Store, rel_settings: Settings) -> None:
-    start_worker("capacity")
+    worker = start_worker("capacity")
     baseline_wait = queue_wait_seconds(store, rel_settings)
     idle_rate = commits_per_second(rel_settings.database_url)
 
@@ -80,7 +80,11 @@ def test_a_thousand_runs_at_capacity_stay_parked_and_starve_nobody(
                message=lambda: f"{store.count_parked('capped5')} of {BACKLOG} runs parked")
     wait_until(lambda: blocked_on_an_empty_queue(rel_settings.redis_url, rel_settings.queue),
                timeout=60, interval=0.2, message="the worker's queue never emptied")
+    redeliveries_before = worker.log().count('"run_not_claimed"')
     busy_rate = commits_per_second(rel_settings.database_url)
+    # Parked runs are not delivered again: before, each came back about once a second
+    # (1,000 failed claims a second, each several statements).
+    redelivered = worker.log().count('"run_not_claimed"') - redeliveries_before
     busy_wait = queue_wait_seconds(store, rel_settings)
     still_queued = sum(1 for run in backlog[:50]
                        if (r := store.get_run(run.id)) is not None
@@ -89,6 +93,8 @@ def test_a_thousand_runs_at_capacity_stay_parked_and_starve_nobody(
           f"{busy_wait:.3f}s with {BACKLOG} runs at capacity; database commits/s: "
           f"{idle_rate:.1f} idle, {busy_rate:.1f} at capacity")
     assert still_queued == 50  # nothing of the backlog ran: the cap held
+    assert redelivered == 0
     assert busy_wait <= 3 * baseline_wait + 1.0
-    # Parked runs cost no transactions: what remains is heartbeats and requeue passes.
-    assert busy_rate <= 3 * idle_rate + 20
+    # What remains is heartbeats and requeue passes (generous: other tests' processes
+    # share this database); a spinning backlog costs thousands of commits a second.
+    assert busy_rate <= 5 * idle_rate + 300
