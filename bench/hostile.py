@@ -72,9 +72,8 @@ def submit(client: httpx.Client, processor: str, payload: Any) -> httpx.Response
 def run_flood(client: httpx.Client, cap: int) -> list[Row]:
     rows = []
     for mode in ("big", "small", "sparse", "deep", "links"):
-        run = wait_run(client, submit(client, "fillup", {"mode": mode, "result": True})
-                       .json()["id"])
-        report = run.get("result") or {}
+        run = wait_run(client, submit(client, "fillup", {"mode": mode}).json()["id"])
+        report = filled_report(client, run["id"])
         written = int(report.get("bytes", -1))
         stopped = report.get("errno") or "nothing (it gave up first)"
         held = 0 <= written <= cap + 1024 * 1024 and report.get("errno") is not None
@@ -82,6 +81,16 @@ def run_flood(client: httpx.Client, cap: int) -> list[Row]:
                         f"{written:,} bytes written under a {cap:,}-byte cap; "
                         f"stopped by {stopped}; run {run.get('status')}"))
     return rows
+
+
+def filled_report(client: httpx.Client, run_id: str) -> dict[str, Any]:
+    """The `FILLED {json}` line the fillup processor prints once a write fails (what
+    it wrote, and the errno that stopped it), read from the run's captured output."""
+    for line in client.get(f"/v1/runs/{run_id}/logs").text.splitlines():
+        if line.startswith("FILLED "):
+            found: dict[str, Any] = json.loads(line.removeprefix("FILLED "))
+            return found
+    return {}
 
 
 def tmp_writable(client: httpx.Client) -> Row:
