@@ -25,11 +25,17 @@ import redis
 from runner.authoring.publish import publish
 from runner.client import RunnerClient
 from runner.control.keys import Keys
+from runner.control.ledger import Ledger
+from runner.control.lifecycle import Lifecycle
+from runner.control.queue import RunQueue
+from runner.control.runs import Submission, submit
 from runner.control.store import Store
-from runner.domain import Role
+from runner.domain import Role, Run
+from runner.execution.executor import Executor
 from runner.execution.wiring import sandbox_config
+from runner.manifest import ManifestSource
 from runner.manifest.yamlio import dump_manifest
-from runner.sandbox import MANAGED_LABEL, RUN_LABEL, WORKER_LABEL, SandboxConfig
+from runner.sandbox import MANAGED_LABEL, RUN_LABEL, WORKER_LABEL, Sandbox, SandboxConfig
 from runner.settings import Settings, load_settings
 from tests.support.processes import WorkerProcess
 from tests.support.services import ApiServer, RedisServer, scratch_database
@@ -310,3 +316,19 @@ def start_worker(rel_settings: Settings, tmp_path: Path
     yield go
     for process in started:
         process.stop()
+
+
+def submit_parked(store: Store, settings: Settings, manifests: ManifestSource,
+                  processor: str) -> Run:
+    """A run of `processor` on a queue no worker serves: only the test executes it."""
+    return submit(Submission(tenant="acme", processor=processor, version=None, input={}),
+                  manifest=manifests.current(), store=store,
+                  queue=RunQueue.from_url(settings.redis_url),
+                  default_queue=f"parked-{SESSION}", stop_grace_seconds=1)
+
+
+def in_process_executor(store: Store, manifests: ManifestSource, sandbox: Sandbox
+                        ) -> Executor:
+    """An executor in the test's own process, on the real database and `sandbox`."""
+    return Executor(ledger=Ledger(store, Lifecycle(store)), manifests=manifests,
+                    sandbox=sandbox, worker_id=f"inproc-{SESSION}")

@@ -12,19 +12,21 @@ import pytest
 import structlog
 
 from runner.authoring.publish import publish
-from runner.control.ledger import Ledger
-from runner.control.lifecycle import Lifecycle
-from runner.control.queue import RunQueue
-from runner.control.runs import Submission, submit
 from runner.control.store import Store
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import DockerUnavailableError
-from runner.execution.executor import Executor
 from runner.execution.wiring import sandbox_config
 from runner.manifest import ManifestSource
 from runner.sandbox import RUN_LABEL, ContainerSpec, Sandbox
 from runner.settings import Settings
-from tests.integration.conftest import REGISTRY, SESSION, bare_sandbox_config, write_manifest
+from tests.integration.conftest import (
+    REGISTRY,
+    SESSION,
+    bare_sandbox_config,
+    in_process_executor,
+    submit_parked,
+    write_manifest,
+)
 
 
 def test_repinned_manifest_makes_the_worker_refuse(
@@ -32,10 +34,7 @@ def test_repinned_manifest_makes_the_worker_refuse(
         published: dict[str, dict[str, Any]], docker_client: docker.DockerClient) -> None:
     path = write_manifest(tmp_path / "manifest.yaml", dict(published))
     manifests = ManifestSource(path)
-    parked = RunQueue.from_url(settings.redis_url)  # a queue no worker serves
-    run = submit(Submission(tenant="acme", processor="echo", version=None, input={}),
-                 manifest=manifests.current(), store=store, queue=parked,
-                 default_queue=f"parked-{SESSION}", stop_grace_seconds=1)
+    run = submit_parked(store, settings, manifests, "echo")
     since = int(time.time()) - 1
 
     # An operator re-pins echo to another digest after the submission.
@@ -43,9 +42,7 @@ def test_repinned_manifest_makes_the_worker_refuse(
     repinned["echo"] = {**published["echo"], "image": published["exit"]["image"]}
     write_manifest(path, repinned)
 
-    executor = Executor(ledger=Ledger(store, Lifecycle(store)), manifests=manifests,
-                        sandbox=Sandbox.from_env(sandbox_config(settings)),
-                        worker_id=f"inproc-{SESSION}")
+    executor = in_process_executor(store, manifests, Sandbox.from_env(sandbox_config(settings)))
     assert executor.execute(run.id, 1) is RunStatus.DEAD_LETTER
     final = store.get_run(run.id)
     assert final is not None

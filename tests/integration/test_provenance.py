@@ -11,19 +11,21 @@ import docker
 import pytest
 
 from runner.client import RunnerClient
-from runner.control.ledger import Ledger
-from runner.control.lifecycle import Lifecycle
-from runner.control.queue import RunQueue
-from runner.control.runs import Submission, submit
 from runner.control.store import Store
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import SandboxMismatchError
-from runner.execution.executor import Executor
 from runner.execution.wiring import sandbox_config
 from runner.manifest import ManifestSource, load_manifest
 from runner.sandbox import RUN_LABEL, ContainerSpec, Sandbox
 from runner.settings import Settings
-from tests.integration.conftest import SESSION, WorkerProcess, bare_sandbox_config, write_manifest
+from tests.integration.conftest import (
+    SESSION,
+    WorkerProcess,
+    bare_sandbox_config,
+    in_process_executor,
+    submit_parked,
+    write_manifest,
+)
 
 
 class DroppingSandbox(Sandbox):
@@ -89,14 +91,10 @@ def test_a_mismatch_ends_the_run_as_a_dead_letter_with_the_receipt_kept(
         tmp_path: Path, settings: Settings, store: Store,
         published: dict[str, dict[str, Any]], docker_client: docker.DockerClient) -> None:
     manifests = ManifestSource(write_manifest(tmp_path / "manifest.yaml", dict(published)))
-    parked = RunQueue.from_url(settings.redis_url)  # a queue no worker serves
-    run = submit(Submission(tenant="acme", processor="echo", version=None, input={}),
-                 manifest=manifests.current(), store=store, queue=parked,
-                 default_queue=f"parked-{SESSION}", stop_grace_seconds=1)
+    run = submit_parked(store, settings, manifests, "echo")
     since = int(time.time()) - 1
-    executor = Executor(ledger=Ledger(store, Lifecycle(store)), manifests=manifests,
-                        sandbox=DroppingSandbox(docker.from_env(), sandbox_config(settings)),
-                        worker_id=f"inproc-{SESSION}")
+    executor = in_process_executor(
+        store, manifests, DroppingSandbox(docker.from_env(), sandbox_config(settings)))
     assert executor.execute(run.id, 1) is RunStatus.DEAD_LETTER
     final = store.get_run(run.id)
     assert final is not None

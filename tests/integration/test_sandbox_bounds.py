@@ -32,12 +32,10 @@ from runner.client import RunnerClient
 from runner.control.ledger import Ledger
 from runner.control.lifecycle import Lifecycle
 from runner.control.queue import RunQueue
-from runner.control.runs import Submission, submit
 from runner.control.store import Store
 from runner.domain import ErrorCode, RunStatus
 from runner.errors import ImageNotAllowedError, PublishError, SandboxError, SandboxMismatchError
 from runner.execution.classify import classify
-from runner.execution.executor import Executor
 from runner.execution.reconciler import Reconciler
 from runner.manifest import ManifestSource
 from runner.sandbox import (
@@ -55,6 +53,8 @@ from tests.integration.conftest import (
     REGISTRY,
     SESSION,
     bare_sandbox_config,
+    in_process_executor,
+    submit_parked,
     write_manifest,
 )
 from tests.support.services import RedisServer, scratch_database
@@ -281,15 +281,10 @@ def test_a_pinned_image_with_a_volume_is_refused_at_launch(
     entries = {**published, volume_processor.name: {
         "name": volume_processor.name, "version": "1.0.0", "image": image}}
     manifests = ManifestSource(write_manifest(tmp_path / "manifest.yaml", entries))
-    parked = RunQueue.from_url(settings.redis_url)  # a queue no worker serves
-    run = submit(Submission(tenant="acme", processor=volume_processor.name, version=None,
-                            input={}),
-                 manifest=manifests.current(), store=store, queue=parked,
-                 default_queue=f"parked-{SESSION}", stop_grace_seconds=1)
+    run = submit_parked(store, settings, manifests, volume_processor.name)
     since = int(time.time()) - 1
-    executor = Executor(ledger=Ledger(store, Lifecycle(store)), manifests=manifests,
-                        sandbox=Sandbox(docker.from_env(), bare_sandbox_config(settings)),
-                        worker_id=f"inproc-{SESSION}")
+    executor = in_process_executor(
+        store, manifests, Sandbox(docker.from_env(), bare_sandbox_config(settings)))
     assert executor.execute(run.id, 1) is RunStatus.DEAD_LETTER
     final = store.get_run(run.id)
     assert final is not None
