@@ -211,7 +211,7 @@ def latency_ms(client: httpx.Client, path: str, n: int = 20) -> float:
     return statistics.median(samples)
 
 
-def follow_flood(bench: Stack, url: str, victim: httpx.Client, run_id: str) -> Row:
+def follow_flood(bench: Stack, url: str, run_id: str) -> Row:
     # Another tenant's requests, timed before and during a flood of follows by the
     # run's own tenant from four keys.
     other = Keys(bench.store).create(tenant="victim", role=Role.SUBMITTER)[1]
@@ -345,7 +345,7 @@ def main() -> int:
                 lambda: small_ones(api.url or "", http),
             ]
             long_run = submit(http, "sleep", {"seconds": 20}).json()["id"]
-            cases.insert(5, lambda: follow_flood(bench, api.url or "", http, long_run))
+            cases.insert(5, lambda: follow_flood(bench, api.url or "", long_run))
             for case in cases:
                 try:
                     found = case()

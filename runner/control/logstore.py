@@ -7,9 +7,11 @@ its offset (`log_chunks_since`), never the whole log again.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from sqlalchemy import LargeBinary, Select, func, insert, literal, select
+from sqlalchemy.orm import Session
 
 from runner.control.models import LogChunkRow, RunRow
 from runner.control.reports import HasSessions
@@ -39,6 +41,18 @@ def log_chunks_since(run_id: str, offset: int) -> Select[int, bytes]:
             .order_by(LogChunkRow.offset))
 
 
+def _read(session: Session, run_id: str, offset: int, limit: int) -> bytes:
+    """Up to `limit` bytes from byte `offset` on, from the chunks that end after it."""
+    out = bytearray()
+    rows = session.execute(log_chunks_since(run_id, offset).execution_options(yield_per=8))
+    for start, data in rows:
+        out += data[max(0, offset - start):]
+        if len(out) >= limit:
+            break
+    rows.close()
+    return bytes(out[:limit])
+
+
 class StoreLogs:
     """Appending and reading a run's captured output."""
 
@@ -62,35 +76,15 @@ class StoreLogs:
         """Up to `limit` bytes of captured output from byte `offset` on, reading only
         the chunks that end after `offset` (what a follower polls with), and of those
         only as many as `limit` needs."""
-        out = bytearray()
         with self.session() as session:
-            rows = session.execute(log_chunks_since(run_id, offset)
-                                   .execution_options(yield_per=8))
-            for start, data in rows:
-                out += data[max(0, offset - start):]
-                if len(out) >= limit:
-                    break
-            rows.close()
-        return bytes(out[:limit])
+            return _read(session, run_id, offset, limit)
 
     def read_logs(self: HasSessions, run_id: str, *, offset: int = 0,
                   limit: int | None = None) -> bytes:
-        """Captured output from byte `offset` on (all attempts, in order)."""
+        """Captured output from byte `offset` on (all attempts, in order), all of it
+        unless `limit` says how much."""
         with self.session() as session:
-            chunks = session.execute(
-                select(LogChunkRow.offset, LogChunkRow.data)
-                .where(LogChunkRow.run_id == run_id)
-                .order_by(LogChunkRow.offset)
-            ).all()
-        out = bytearray()
-        for start, data in chunks:
-            end = start + len(data)
-            if end <= offset:
-                continue
-            out += data[max(0, offset - start):]
-            if limit is not None and len(out) >= limit:
-                return bytes(out[:limit])
-        return bytes(out)
+            return _read(session, run_id, offset, limit if limit is not None else sys.maxsize)
 
     def log_offset(self: HasSessions, run_id: str) -> int:
         """Bytes of output captured so far, over every attempt."""
