@@ -24,7 +24,9 @@ from runner.errors import (
     ConflictError,
     InvalidRequestError,
     NotFoundError,
+    PayloadTooLargeError,
     PermissionDeniedError,
+    RangeNotSatisfiableError,
     RateLimitedError,
     RunnerError,
     ServiceUnavailableError,
@@ -40,6 +42,8 @@ STATUS: list[tuple[type[RunnerError], int]] = [
     (PermissionDeniedError, 403),
     (NotFoundError, 404),
     (ConflictError, 409),
+    (PayloadTooLargeError, 413),
+    (RangeNotSatisfiableError, 416),
     (InvalidRequestError, 422),
     (ServiceUnavailableError, 503),
 ]
@@ -75,6 +79,8 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         if status == 429:
             headers = {"Retry-After": str(exc.context.get("retry_after", 1))}
+        elif status == 416 and "size" in exc.context:
+            headers = {"Content-Range": f"bytes */{exc.context['size']}"}
         elif status == 503 and "retry_after" in exc.context:
             headers = {"Retry-After": str(exc.context["retry_after"])}
         return error_response(request, status, exc.code, exc.message,

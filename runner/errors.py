@@ -69,6 +69,18 @@ class InvalidInputError(InvalidRequestError):
     code = ErrorCode.INVALID_INPUT.value
 
 
+class PayloadTooLargeError(RunnerError):
+    """The body is over its cap; nothing of it was kept."""
+
+    code = "file_too_large"
+
+
+class RangeNotSatisfiableError(RunnerError):
+    """The requested byte range is outside the content."""
+
+    code = "range_not_satisfiable"
+
+
 class ConflictError(RunnerError):
     """The resource is in a state that does not allow this."""
 
@@ -103,6 +115,12 @@ class ServiceUnavailableError(RunnerError):
     """A service the runner depends on is unavailable."""
 
     code = "unavailable"
+
+
+class StorageError(ServiceUnavailableError):
+    """The file store (a directory or the database) failed to read or write a blob."""
+
+    code = "storage_unavailable"
 
 
 # Platform failures while executing an attempt; each carries the run's error code.

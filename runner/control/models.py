@@ -69,6 +69,12 @@ class RunRow(Base):
     # a parked run is not enqueued; a slot's release wakes the oldest parked run.
     parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
                                                        nullable=True)
+    # The files that went in, {name: "sha256:<hex>"} (also rows of `run_files`).
+    files: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    # A digest of what the run computes from (image digest, input, file hashes): a
+    # succeeded run of the same tenant with the same key can stand in for a new one.
+    reuse_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reused_from: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
     __table_args__ = (
         Index("ix_runs_tenant_id", "tenant", "id"),
@@ -76,6 +82,7 @@ class RunRow(Base):
         Index("ix_runs_tenant_processor_id", "tenant", "processor", "id"),
         Index("ix_runs_status", "status"),
         Index("ix_runs_processor_parked", "processor", "parked_at"),
+        Index("ix_runs_tenant_reuse_key", "tenant", "reuse_key"),
         UniqueConstraint("tenant", "idempotency_key", name="uq_runs_tenant_idempotency_key"),
     )
 
@@ -150,3 +157,78 @@ class TenantRow(Base):
 
     tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
     touched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class FileRow(Base):
+    """An uploaded file: one row per tenant and content (the id is its SHA-256)."""
+
+    __tablename__ = "files"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    # Sniffed from the bytes; the client's Content-Type is kept beside it.
+    media_type: Mapped[str] = mapped_column(String(255))
+    declared_media_type: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Its last upload or submission with a run: retention counts from here.
+    touched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_files_touched_at", "touched_at"),
+                      Index("ix_files_sha256", "sha256"))
+
+
+class RunFileRow(Base):
+    """A file delivered to a run at /run/in/<name>: what keeps the file from retention."""
+
+    __tablename__ = "run_files"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (Index("ix_run_files_tenant_sha256", "tenant", "sha256"),)
+
+
+class ArtifactRow(Base):
+    """A file an attempt left under /run/out, stored as a blob of its tenant."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(1024))
+    tenant: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    media_type: Mapped[str] = mapped_column(String(255))
+
+    __table_args__ = (Index("ix_artifacts_run_attempt", "run_id", "attempt"),
+                      Index("ix_artifacts_sha256", "sha256"))
+
+
+class BlobRow(Base):
+    """A blob of the database file store (RUNNER_FILE_STORE=database). `key` is null
+    while it is being written; set when it is committed (unique: stored once)."""
+
+    __tablename__ = "blobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str | None] = mapped_column(String(200), nullable=True, unique=True)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class BlobChunkRow(Base):
+    """One chunk of a database blob, in order of `seq`."""
+
+    __tablename__ = "blob_chunks"
+
+    blob_id: Mapped[int] = mapped_column(ForeignKey("blobs.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
