@@ -3,7 +3,8 @@
 Owns every Docker call of a run: the container's spec and labels (`spec`), the
 create/verify/start/wait/remove lifecycle (`engine`), the one translator of
 docker-py errors (`translate`), pinned images and their digests (`images`), the two
-paths for input and result files (`transfer`), each attempt's bounded /run
+paths for input and result files (`transfer`), the checks and streaming of the
+artifacts a processor leaves (`artifacts`), each attempt's bounded /run
 filesystem (`runfs`), what the host and engine can enforce (`hostcheck`), leftover
 volumes (`volumes`), background removal (`remover`), the provenance receipt
 (`provenance`) and log capture (`logpump`).
@@ -25,19 +26,26 @@ from runner.sandbox.spec import (
     RESULT_PATH,
     RUN_LABEL,
     WORKER_LABEL,
+    ArtifactSink,
+    ArtifactStatus,
+    CollectedArtifacts,
     CollectedResult,
     ContainerSpec,
+    InputFile,
     LogSink,
     Outcome,
     ResultStatus,
     SandboxConfig,
+    StoredArtifact,
     container_name,
     spec_for,
 )
 
 __all__ = [
     "ATTEMPT_LABEL", "CONTAINER_TMP", "IMAGE_ID", "INSTANCE_LABEL", "MANAGED_LABEL",
-    "RESULT_PATH", "RUN_LABEL", "WORKER_LABEL", "CollectedResult", "ContainerSpec",
-    "LogSink", "Outcome", "ResultStatus", "Sandbox", "SandboxConfig", "applied_settings",
-    "container_name", "expected_settings", "mismatches", "nano_cpus", "spec_for",
+    "RESULT_PATH", "RUN_LABEL", "WORKER_LABEL", "ArtifactSink", "ArtifactStatus",
+    "CollectedArtifacts", "CollectedResult", "ContainerSpec", "InputFile", "LogSink",
+    "Outcome", "ResultStatus", "Sandbox", "SandboxConfig", "StoredArtifact",
+    "applied_settings", "container_name", "expected_settings", "mismatches", "nano_cpus",
+    "spec_for",
 ]

@@ -8,7 +8,9 @@ asked (`provenance`) before it may start.
 
 Each attempt's /run is a filesystem of its own, made on this host before the create
 and removed after the container (`runfs`): the processor's writes under /run/out stop
-at the manifest's `output_bytes` with ENOSPC. Without it no processor runs.
+at the manifest's `output_bytes` with ENOSPC. Without it no processor runs. The input
+files go into /run/in before the start; after an exit of its own (any code), what the
+processor left under /run/out goes to the caller's `ArtifactSink` (`artifacts`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from runner.sandbox.spec import (
     INSTANCE_LABEL,
     MANAGED_LABEL,
     RUN_DIR,
+    ArtifactSink,
+    CollectedArtifacts,
     CollectedResult,
     ContainerSpec,
     LogSink,
@@ -144,16 +148,20 @@ class Sandbox:
     def run(self, spec: ContainerSpec, *, on_log: LogSink,
             on_start: Callable[[str, str], None] | None = None,
             stages: StageObserver | None = None,
-            on_receipt: Callable[[dict[str, Any]], None] | None = None) -> Outcome:
+            on_receipt: Callable[[dict[str, Any]], None] | None = None,
+            artifacts: ArtifactSink | None = None) -> Outcome:
         """Run the container to its end and remove it, whatever happens.
 
         `stages` is told about each stage (pull, create, start, wait, collect,
         remove) so the caller can time, trace and log them. `on_receipt` gets the
         provenance receipt (what was asked, what the engine applied) before the start;
         a container whose settings do not match is removed and never started.
+        `artifacts` gets the files under /run/out after an exit of the container's own
+        (not after a timeout); without it nothing there is read but result.json.
 
         Raises:
             SandboxError: the platform failed (the container is still removed).
+            RunnerError: the sink failed (after it was told to discard).
         """
         observer: StageObserver = stages or NullStages()
         problem = self.bound_problem()
@@ -163,7 +171,8 @@ class Sandbox:
         fs, container_id, image_id = self._pull_and_create(spec, observer)
         finished = False
         try:
-            with observer.stage("start", input_bytes=len(spec.input_json)):
+            with observer.stage("start", input_bytes=len(spec.input_json),
+                                input_files=len(spec.files)):
                 transfer = self._verify_and_deliver(container_id, spec, image_id, fs,
                                                     on_receipt)
                 with docker_errors("start"):
@@ -177,16 +186,20 @@ class Sandbox:
                 ended = self._wait_or_stop(container_id, spec, started)
                 info["timed_out"] = ended.timed_out
             with observer.stage("collect") as info:
-                result = self._collect(container_id, transfer, pump, ended)
+                result, kept = self._collect(container_id, spec, transfer, pump, ended,
+                                             artifacts)
                 info.update(exit_code=ended.exit_code if ended.exit_code is not None else -1,
                             oom_killed=ended.oom_killed, log_bytes=pump.bytes,
-                            log_truncated=pump.truncated, result=result.status.value)
+                            log_truncated=pump.truncated, result=result.status.value,
+                            artifacts=kept.status.value, artifact_count=len(kept.items),
+                            artifact_bytes=sum(item.size for item in kept.items))
             finished = True
             return Outcome(
                 container_id=container_id, image_id=image_id, exit_code=ended.exit_code,
                 oom_killed=ended.oom_killed, timed_out=ended.timed_out,
                 duration_seconds=ended.duration, log_bytes=pump.bytes,
-                log_truncated=pump.truncated, result=result, log_bytes_dropped=pump.dropped)
+                log_truncated=pump.truncated, result=result, log_bytes_dropped=pump.dropped,
+                artifacts=kept)
         finally:
             self._dispose(container_id, fs, observer, later=finished)
 
@@ -204,7 +217,7 @@ class Sandbox:
             info["cached"] = not pulled
         with observer.stage("create", container_name=spec.name) as info:
             fs = (self.run_fs.create(spec.name, output_bytes=spec.output_bytes,
-                                     input_bytes=len(spec.input_json))
+                                     input_bytes=provenance.input_bytes(spec))
                   if self.bounded else None)
             try:
                 try:
@@ -239,32 +252,15 @@ class Sandbox:
                                        + "; ".join(receipt["mismatches"]), stage="create")
         if fs is None:  # unbounded (RUNNER_RUN_OUTPUT_BOUND=off): the engine's archive API
             transfer: Transfer = ArchiveTransfer(self.api, container_id, self.config)
-            transfer.deliver(spec.input_json)
+            transfer.deliver(spec.input_json, spec.files)
             return transfer
-        self._check_engine_sees(container_id, fs)
+        if not self._engine_sees_run_fs:  # proven once per process
+            hostcheck.refuse_unseen_run_fs(self.api, container_id, fs.path)
+            self._engine_sees_run_fs = True
         transfer = self.transfers.for_container(container_id, fs.path)
-        transfer.deliver(spec.input_json)
+        transfer.deliver(spec.input_json, spec.files)
         self.run_fs.seal(fs)
         return transfer
-
-    def _check_engine_sees(self, container_id: str, fs: RunFs) -> None:
-        """Once per process: the engine's /run is this process's mounted filesystem, not
-        the bare directory under it (an engine in another mount namespace would give the
-        processor an unbounded directory)."""
-        if self._engine_sees_run_fs:
-            return
-        marker = f"{RUN_DIR}/{runfs.UNMOUNTED_MARKER}"
-        with docker_errors("inspect run filesystem"):
-            try:
-                stream, _ = self.api.get_archive(container_id, marker)
-            except docker.errors.NotFound:
-                self._engine_sees_run_fs = True
-                return
-            getattr(stream, "close", lambda: None)()
-        raise SandboxMismatchError(
-            f"the engine does not see the filesystem this worker mounted at {fs.path} "
-            f"(another mount namespace?): processors would write to the host's disk "
-            f"unbounded", stage="create")
 
     def _wait_or_stop(self, container_id: str, spec: ContainerSpec, started: float) -> _Exit:
         exited = self._wait(container_id, started + spec.timeout_seconds)
@@ -281,15 +277,19 @@ class Sandbox:
         return _Exit(timed_out=not exited, exit_code=state.get("ExitCode"),
                      oom_killed=bool(state.get("OOMKilled")), duration=duration)
 
-    def _collect(self, container_id: str, transfer: Transfer, pump: LogPump,
-                 ended: _Exit) -> CollectedResult:
+    def _collect(self, container_id: str, spec: ContainerSpec, transfer: Transfer,
+                 pump: LogPump, ended: _Exit, sink: ArtifactSink | None
+                 ) -> tuple[CollectedResult, CollectedArtifacts]:
+        """The result after a clean exit; the artifacts after any exit of its own."""
         pump.join(timeout=10)
         if pump.error is not None:
             log.warning("log_capture_failed", container_id=container_id[:12],
                         error=str(pump.error))
-        if ended.exit_code == 0 and not ended.timed_out:
-            return transfer.collect()
-        return CollectedResult(ResultStatus.ABSENT)
+        result = (transfer.collect() if ended.exit_code == 0 and not ended.timed_out
+                  else CollectedResult(ResultStatus.ABSENT))
+        kept = (transfer.collect_artifacts(sink, max_bytes=spec.output_bytes)
+                if sink is not None and not ended.timed_out else CollectedArtifacts())
+        return result, kept
 
     def _dispose(self, container_id: str, fs: RunFs | None, observer: StageObserver, *,
                  later: bool) -> None:

@@ -3,16 +3,20 @@
 `refuse_unenforceable`: an engine without swap, pids or memory limits would only give
 runs that end as sandbox_mismatch. `bound_problem`: why this process cannot make the
 bounded /run filesystems (runfs) that the engine would see, or None.
+`refuse_unseen_run_fs`: the engine's /run is the filesystem this process mounted.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
 
-from runner.errors import SandboxError
-from runner.sandbox.runfs import RunFilesystems
+from runner.errors import SandboxError, SandboxMismatchError
+from runner.sandbox.runfs import UNMOUNTED_MARKER, RunFilesystems
+from runner.sandbox.spec import RUN_DIR
 from runner.sandbox.translate import docker_errors
 
 
@@ -47,3 +51,23 @@ def bound_problem(api: docker.APIClient, info: dict[str, Any] | None = None) -> 
             problem = ("the engine remaps user ids (userns-remap or rootless), so it would "
                        "not see this worker's mounts under their owners")
     return problem
+
+
+def refuse_unseen_run_fs(api: docker.APIClient, container_id: str, path: Path) -> None:
+    """The engine's /run is this process's mounted filesystem, not the bare directory
+    under it (an engine in another mount namespace would give the processor an
+    unbounded directory).
+
+    Raises:
+        SandboxMismatchError: the engine sees the bare directory (stage "create").
+    """
+    with docker_errors("inspect run filesystem"):
+        try:
+            stream, _ = api.get_archive(container_id, f"{RUN_DIR}/{UNMOUNTED_MARKER}")
+        except docker.errors.NotFound:
+            return
+        getattr(stream, "close", lambda: None)()
+    raise SandboxMismatchError(
+        f"the engine does not see the filesystem this worker mounted at {path} "
+        f"(another mount namespace?): processors would write to the host's disk "
+        f"unbounded", stage="create")

@@ -39,6 +39,12 @@ def run_fs_path(spec: ContainerSpec, config: SandboxConfig) -> Path:
     return runfs.RunFilesystems(config.run_fs_root, config.instance).path(spec.name)
 
 
+def input_bytes(spec: ContainerSpec) -> int:
+    """What the spec's input takes of its /run filesystem (`runfs.input_footprint`):
+    the one figure both the image's size and the receipt's expectation come from."""
+    return runfs.input_footprint(len(spec.input_json), ((f.name, f.size) for f in spec.files))
+
+
 def expected_settings(spec: ContainerSpec, config: SandboxConfig,
                       image_id: str, *, bounded: bool = True) -> dict[str, Any]:
     """What the manifest and the platform ask of a container, in the shape of
@@ -58,7 +64,7 @@ def expected_settings(spec: ContainerSpec, config: SandboxConfig,
         "run_volume": ({"driver": "local",
                         "options": runfs.run_volume_options(run_fs_path(spec, config))}
                        if bounded else {"driver": None, "options": {}}),
-        "run_fs": (runfs.expected_description(spec.output_bytes, len(spec.input_json))
+        "run_fs": (runfs.expected_description(spec.output_bytes, input_bytes(spec))
                    if bounded else {}),
     }
 

@@ -2,6 +2,7 @@
 manifest's `output_bytes` while the processor writes.
 
 Each attempt gets a sparse image file of `image_bytes(output_bytes, input_bytes)`
+(`input_bytes` is `input_footprint`: input.json and the input files in whole blocks)
 under `SandboxConfig.run_fs_root/<instance>/<container name>/`, made with
 `mkfs.ext4` and loop-mounted there (`noexec,nosuid,nodev`) by this worker. The engine
 gets it as the container's `/run` volume: a `local` volume bound to that directory
@@ -34,6 +35,7 @@ import math
 import os
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,10 +82,35 @@ def inode_count(output_bytes: int) -> int:
 
 def image_bytes(output_bytes: int, input_bytes: int) -> int:
     """The image's size: the most the host's disk holds for one attempt (the file is
-    sparse; only written blocks take space)."""
+    sparse; only written blocks take space). `input_bytes` is `input_footprint`; the
+    two blocks on top are the in/ and out/ directories."""
     blocks = output_blocks(output_bytes)
-    return ((blocks + _blocks(input_bytes) + 1 + blocks // 2048) * BLOCK_BYTES
+    return ((blocks + _blocks(input_bytes) + 2 + blocks // 2048) * BLOCK_BYTES
             + inode_count(output_bytes) * INODE_BYTES + FIXED_OVERHEAD_BYTES)
+
+
+def _dirent_bytes(name: str) -> int:
+    """An ext4 directory entry: 8 bytes of header, the name, padded to 4."""
+    return 8 + (len(name.encode()) + 3) // 4 * 4
+
+
+def input_footprint(input_json_bytes: int, files: Iterable[tuple[str, int]] = ()) -> int:
+    """What delivering input.json and the `(name, size)` files into in/ takes of the
+    filesystem, in bytes of whole blocks: each file's blocks, plus one for its extent
+    tree (and one per 8 MiB on top, for a fragmented one), plus in/'s directory blocks
+    at twice the entries' size (hashed directories split leaves half full). Without
+    files it is input.json's size itself, so the image of a run without files is what
+    it always was."""
+    files = list(files)
+    if not files:
+        return input_json_bytes
+    blocks = _blocks(input_json_bytes)
+    for _, size in files:
+        data = _blocks(size)
+        blocks += data + 1 + data // 2048
+    entries = sum(_dirent_bytes(name) for name, _ in files)
+    blocks += 2 + 2 * _blocks(entries)
+    return blocks * BLOCK_BYTES
 
 
 def run_volume_options(path: Path) -> dict[str, str]:

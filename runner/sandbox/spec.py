@@ -1,5 +1,6 @@
 """What a processor container is: its labels, the platform's settings, one attempt's
-spec, and how it ended. Plain data; nothing here talks to Docker.
+spec (input files included), how it ended, and the artifacts it left. Plain data;
+nothing here talks to Docker.
 
 `spec_for` is the one builder of a `ContainerSpec`, used by the worker and by
 `runner processor run` alike, so a local run is the production container by code.
@@ -8,10 +9,11 @@ spec, and how it ended. Plain data; nothing here talks to Docker.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from runner.manifest.model import Limits
 
@@ -27,6 +29,8 @@ WORKER_LABEL = "io.container-runner.worker-id"
 CONTAINER_TMP = "/tmp"  # noqa: S108
 RUN_DIR = "/run"
 RESULT_PATH = "/run/out/result.json"
+INPUT_DIR = "/run/in"
+OUTPUT_DIR = "/run/out"
 # Where each attempt's /run filesystem (runner/sandbox/runfs.py) is made and mounted on
 # the worker's host, one directory per deployment: the engine must see this path.
 RUN_FS_ROOT = Path("/var/lib/container-runner/run")
@@ -63,6 +67,9 @@ class SandboxConfig:
     # root filesystem and cost 100 ms or more each on some storage drivers. The engine
     # path is the fallback whenever the directory is not reachable from this process.
     direct_volume_io: bool = True
+    # At most this many regular files under /run/out become artifacts; more is
+    # `ArtifactStatus.TOO_LARGE` (the inode count bounds what can exist, this what is kept).
+    artifact_max_files: int = 1000
 
     @property
     def uid_gid(self) -> tuple[int, int]:
@@ -73,6 +80,20 @@ class SandboxConfig:
     def tmp_inodes(self) -> int:
         """The /tmp tmpfs's inode cap: one per 16 KiB of its size, at least 1024."""
         return max(1024, self.tmp_size_bytes // (16 * 1024))
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A file delivered read-only at /run/in/<name> before the start.
+
+    `name` is validated by the caller; `open` gives a fresh reader of exactly `size`
+    bytes from the caller's storage (the sandbox closes it), so a file is streamed into
+    the container and never held whole in memory.
+    """
+
+    name: str
+    size: int
+    open: Callable[[], BinaryIO]
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,7 @@ class ContainerSpec:
     output_bytes: int = Limits.output_bytes
     environment: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
+    files: tuple[InputFile, ...] = ()
 
 
 def container_name(run_id: str, attempt: int) -> str:
@@ -100,7 +122,8 @@ def container_name(run_id: str, attempt: int) -> str:
 
 def spec_for(*, run_id: str, attempt: int, image: str, limits: Limits,
              timeout_seconds: float, input_json: bytes,
-             labels: Mapping[str, str] | None = None) -> ContainerSpec:
+             labels: Mapping[str, str] | None = None,
+             files: Sequence[InputFile] = ()) -> ContainerSpec:
     """The container of attempt `attempt` of `run_id` under a processor's `limits`.
 
     The timeout is the smaller of the run's and the processor's; the environment and
@@ -118,6 +141,7 @@ def spec_for(*, run_id: str, attempt: int, image: str, limits: Limits,
         output_bytes=limits.output_bytes,
         environment={"RUNNER_RUN_ID": run_id, "RUNNER_ATTEMPT": str(attempt)},
         labels={RUN_LABEL: run_id, ATTEMPT_LABEL: str(attempt), **(labels or {})},
+        files=tuple(files),
     )
 
 
@@ -137,6 +161,55 @@ class CollectedResult:
 
 
 @dataclass(frozen=True)
+class StoredArtifact:
+    """One file the processor left under /run/out, as the sink stored it; `name` is
+    its path under /run/out, "/"-separated ("report.csv", "pages/1.txt")."""
+
+    name: str
+    size: int
+    sha256: str
+    media_type: str
+
+
+class ArtifactSink(Protocol):
+    """Where a run's artifacts go (the caller's storage); the sandbox only streams."""
+
+    def put(self, name: str, size: int, chunks: Iterable[bytes]) -> StoredArtifact:
+        """Store one artifact's bytes (streamed; the sink hashes and sniffs them).
+
+        Raises:
+            RunnerError: a subclass such as StorageError; the sandbox discards the
+                collection and re-raises.
+        """
+        ...
+
+    def discard(self) -> None:
+        """Drop everything put so far in this collection (nothing of a failed
+        collection is half-kept)."""
+        ...
+
+
+class ArtifactStatus(StrEnum):
+    NONE = "none"  # not collected: no sink, or the container did not exit by itself
+    OK = "ok"
+    # A symlink, FIFO, socket, device or hard link; a name that is not UTF-8 or holds a
+    # control character; too long a name or too deep a tree.
+    INVALID = "invalid"
+    # More bytes (apparent size) than output_bytes, or more files than artifact_max_files.
+    TOO_LARGE = "too_large"
+
+
+@dataclass(frozen=True)
+class CollectedArtifacts:
+    """What became of /run/out besides result.json; `problem` is one line naming the
+    entry and why ("out/link.txt is a symlink") when the status is not OK."""
+
+    status: ArtifactStatus = ArtifactStatus.NONE
+    items: tuple[StoredArtifact, ...] = ()
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How a container ended; a processor's failure is data, not an exception."""
 
@@ -150,3 +223,4 @@ class Outcome:
     log_truncated: bool
     result: CollectedResult
     log_bytes_dropped: int = 0
+    artifacts: CollectedArtifacts = CollectedArtifacts()

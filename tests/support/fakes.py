@@ -33,6 +33,7 @@ from runner.sandbox import (
     INSTANCE_LABEL,
     MANAGED_LABEL,
     RUN_LABEL,
+    ArtifactSink,
     CollectedResult,
     ContainerSpec,
     LogSink,
@@ -149,7 +150,8 @@ class FakeSandbox:
     def run(self, spec: ContainerSpec, *, on_log: LogSink,
             on_start: Callable[[str, str], None] | None = None,
             stages: StageObserver | None = None,
-            on_receipt: Callable[[dict[str, Any]], None] | None = None) -> Outcome:
+            on_receipt: Callable[[dict[str, Any]], None] | None = None,
+            artifacts: ArtifactSink | None = None) -> Outcome:
         script = self._next_script()
         observer: StageObserver = stages or NullStages()
         container_id = f"fake-{next(self._ids)}"
