@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import Services
 from api.errors import error_response, install_error_handlers
+from api.files import router as files_router
 from api.metrics import ApiMetrics
 from api.routes import router
 from runner import __version__
@@ -30,6 +31,7 @@ from runner.settings import Settings
 log = structlog.get_logger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+UPLOAD_PATH = "/v1/files"
 
 
 def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
@@ -43,13 +45,15 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     metrics = ApiMetrics(app.state.services)
     app.state.metrics = metrics
     app.include_router(router)
+    app.include_router(files_router)
     if settings.cors_origin_list:  # none by default: browsers get no cross-origin access
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key",
-                                          "X-Request-ID"],
+                                          "X-Request-ID", "Range"],
                            expose_headers=["X-Request-ID", "Retry-After", "X-Log-Truncated",
-                                           "X-Log-Next-Offset"])
+                                           "X-Log-Next-Offset", "Content-Range",
+                                           "Content-Disposition"])
 
     @app.middleware("http")
     async def request_context(request: Request,
@@ -57,19 +61,22 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         given = request.headers.get("x-request-id", "")
         request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
         request.state.request_id = request_id
+        response: Response | None = None
         structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
             length = int(request.headers.get("content-length") or 0)
         except ValueError:
             length = 0
-        if length > settings.max_body_bytes:
-            response: Response = error_response(request, 413, "body_too_large",
+        if request.method == "POST" and request.url.path == UPLOAD_PATH:
+            pass  # a file upload: streamed, capped by RUNNER_FILE_MAX_BYTES in its route
+        elif length > settings.max_body_bytes:
+            response = error_response(request, 413, "body_too_large",
                                         f"request body over {settings.max_body_bytes} bytes")
         elif "chunked" in request.headers.get("transfer-encoding", "").lower():
             # Without a length the cap above could be walked around; bodies are small.
             response = error_response(request, 411, "length_required",
                               "send the body with a Content-Length header")
-        else:
+        if response is None:
             started = time.perf_counter()
             tracer = app.state.services.tracer
             with tracer.start_as_current_span(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from opentelemetry import trace
 
+from runner.control.files import FileCatalog, RunFiles, catalog_for, run_files
 from runner.control.keys import Keys
 from runner.control.lifecycle import Lifecycle
 from runner.control.notify import EndWatcher, RunEndNotice
@@ -29,6 +30,8 @@ class Services:
     limiter: RateLimiter
     keys: Keys
     lifecycle: Lifecycle
+    files: FileCatalog
+    run_files: RunFiles
     tracer: trace.Tracer = field(default_factory=trace.NoOpTracer)
     long_polls: int = 0  # GET ?wait= requests being held now (event loop only)
     # Log follows streaming now, per key (event loop only): `hold_follow`.
@@ -78,10 +81,11 @@ class Services:
         # Every final status written through the API (a cancel of a queued run) wakes
         # the long polls of every API process, as a worker's writes do.
         lifecycle = Lifecycle(store, listeners=[RunEndNotice(queue.redis, settings.instance)])
+        files = catalog_for(settings, store)
         return cls(settings=settings, store=store,
                    manifests=ManifestSource(settings.manifest), queue=queue,
                    limiter=RateLimiter(queue.redis), keys=Keys(store), lifecycle=lifecycle,
-                   tracer=tracer)
+                   files=files, run_files=run_files(files, settings), tracer=tracer)
 
 
 def services(request: Request) -> Services:

@@ -65,6 +65,13 @@ class ApiMetrics:
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
         self.submitted = Counter("runner_runs_submitted", "Runs accepted by the API",
                                  ["processor"], registry=self.registry)
+        self.reused = Counter("runner_runs_reused", "Submissions answered by an earlier "
+                              "succeeded run (reuse), no container started",
+                              ["processor"], registry=self.registry)
+        self.uploaded_bytes = Counter("runner_file_upload_bytes", "Bytes of files uploaded",
+                                      registry=self.registry)
+        self.uploads = Counter("runner_file_uploads", "File uploads by outcome",
+                               ["outcome"], registry=self.registry)
         manifests = services.manifests
 
         def queues() -> list[str]:

@@ -20,10 +20,12 @@ from starlette.types import Receive, Scope, Send
 from api.auth import Principal, submitter, viewer
 from api.deps import Services, services
 from api.schemas import (
+    ArtifactOut,
     AttemptOut,
     ErrorOut,
     ProcessorList,
     ProcessorOut,
+    ReuseOptions,
     RunCreate,
     RunList,
     RunListItem,
@@ -35,6 +37,7 @@ from runner.control.strictjson import strict_loads
 from runner.domain import Run, RunStatus
 from runner.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from runner.observability.telemetry import traceparent
+from runner.units import parse_duration
 
 log = structlog.get_logger(__name__)
 
@@ -97,7 +100,8 @@ def _submit_options(svc: Services) -> dict[str, Any]:
     return {"default_queue": svc.settings.queue,
             "stop_grace_seconds": svc.settings.stop_grace_seconds,
             "input_max_bytes": svc.settings.input_max_bytes,
-            "max_active": svc.settings.tenant_max_active_runs}
+            "max_active": svc.settings.tenant_max_active_runs,
+            "file_rules": svc.run_files}
 
 
 def _timestamp(value: str | None, field: str) -> datetime | None:
@@ -143,13 +147,19 @@ def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
                ) -> RunOut:
     """Submit a run of an allowlisted processor; answers with the queued run."""
     _count_submission(svc, who)
+    reuse = body.reuse is not False
+    max_age = (parse_duration(body.reuse.max_age)
+               if isinstance(body.reuse, ReuseOptions) and body.reuse.max_age else None)
     run = submit(
         Submission(tenant=who.tenant, processor=body.processor, version=body.version,
                    input=body.input, timeout_seconds=body.timeout_seconds, labels=body.labels,
                    idempotency_key=idempotency_key,
-                   traceparent=traceparent(trace.get_current_span())),
+                   traceparent=traceparent(trace.get_current_span()),
+                   files=body.files, reuse=reuse, reuse_max_age=max_age),
         manifest=svc.manifests.current(), store=svc.store, queue=svc.queue,
         **_submit_options(svc))
+    if run.reused_from is not None:
+        request.app.state.metrics.reused.labels(run.processor).inc()
     request.app.state.metrics.submitted.labels(run.processor).inc()
     return RunOut.of(run)
 
@@ -193,7 +203,8 @@ def list_runs(who: Annotated[Principal, Depends(viewer)],
         created_after=_timestamp(created_after, "created_after"),
         created_before=_timestamp(created_before, "created_before"),
         values=values, value_max_bytes=LIST_VALUE_MAX_BYTES)
-    return RunList(items=[RunListItem.of(r, omitted=list(page.left_out.get(r.id, ())))
+    return RunList(items=[RunListItem.of(r, omitted=list(page.left_out.get(r.id, ())),
+                                         artifacts=None)
                           for r in page.runs], next_cursor=page.next_cursor)
 
 
@@ -242,10 +253,14 @@ def _run_view(svc: Services, run: Run) -> RunOut:
         start = max(0, run.log_bytes - TAIL_BYTES)
         text = svc.store.read_logs_since(run.id, start, TAIL_BYTES).decode(errors="replace")
         tail = text.splitlines()[-TAIL_LINES:]
-    attempts = [AttemptOut(**a) for a in svc.store.attempts(run.id)]
+    by_attempt = svc.files.artifacts_by_attempt(run.id)
+    attempts = [AttemptOut(**a, artifacts=[ArtifactOut(**x.public())
+                                           for x in by_attempt.get(a["number"], [])])
+                for a in svc.store.attempts(run.id)]
     receipts = [a.provenance for a in attempts if a.provenance]
     return RunOut.of(run, attempts=attempts, last_log_lines=tail,
-                     provenance=receipts[-1] if receipts else None)
+                     provenance=receipts[-1] if receipts else None,
+                     artifacts=[x.public() for x in by_attempt.get(run.attempt, [])])
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunOut,
@@ -279,7 +294,7 @@ def replay_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
                        404: {"model": ErrorOut, "description": "No such run"}})
 async def get_logs(run_id: str, who: Annotated[Principal, Depends(viewer)],
                    svc: Annotated[Services, Depends(services)],
-                   offset: Annotated[int, Query(ge=0)] = 0,
+                   offset: Annotated[int, Query(ge=0, le=LOG_READ_MAX_BYTES)] = 0,
                    follow: bool = False) -> Response:
     """The run's captured output from byte `offset`; `follow=true` streams until it ends.
 

@@ -5,13 +5,25 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from runner.domain import Run, RunStatus
 
 MAX_LABELS = 32
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._/-]{0,62}$")]
 LabelValue = Annotated[str, StringConstraints(max_length=256)]
+MAX_RUN_FILES = 1000  # the schema's bound; RUNNER_RUN_MAX_FILES is the service's
+FileName = Annotated[str, StringConstraints(max_length=128)]
+FileId = Annotated[str, StringConstraints(max_length=71)]
+Duration = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(ms|s|m|h|d)$")]
+
+
+class ReuseOptions(BaseModel):
+    """`"reuse": {"max_age": "1h"}`: reuse only a run that finished this recently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_age: Duration | None = Field(default=None, description="e.g. 90s, 30m, 1h, 7d")
 
 
 class RunCreate(BaseModel):
@@ -26,6 +38,37 @@ class RunCreate(BaseModel):
     input: dict[str, Any] = Field(default_factory=dict)
     timeout_seconds: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
+    files: dict[FileName, FileId] = Field(
+        default_factory=dict, max_length=MAX_RUN_FILES,
+        description="{name: file id}: each file (POST /v1/files) at /run/in/<name>, "
+                    "read-only; a name is 1-128 of A-Za-z0-9._- not starting with a dot")
+    reuse: StrictBool | ReuseOptions = Field(
+        default=False,
+        description="true: answer with a new run pointing to (reused_from) the tenant's "
+                    "latest succeeded run of the same image digest, input and files, "
+                    "without running a container; {\"max_age\": \"1h\"} bounds its age")
+
+
+class ArtifactOut(BaseModel):
+    name: str = Field(description="Path under /run/out; subdirectories are joined by /")
+    size: int
+    sha256: str
+    media_type: str = Field(description="Sniffed from the bytes")
+
+
+class ArtifactList(BaseModel):
+    attempt: int
+    items: list[ArtifactOut]
+
+
+class FileOut(BaseModel):
+    id: str = Field(description="sha256:<64 hex> of the bytes")
+    size: int
+    media_type: str = Field(description="Sniffed from the bytes")
+    declared_media_type: str | None = Field(default=None,
+                                            description="The Content-Type of the upload")
+    name: str | None
+    created_at: datetime
 
 
 class AttemptOut(BaseModel):
@@ -44,6 +87,8 @@ class AttemptOut(BaseModel):
     provenance: dict[str, Any] | None = Field(
         default=None, description="What this attempt's container was asked for and what "
                                   "the engine reports it applied")
+    artifacts: list[ArtifactOut] = Field(default_factory=list,
+                                         description="What this attempt left in /run/out")
 
 
 class RunOut(BaseModel):
@@ -74,6 +119,14 @@ class RunOut(BaseModel):
                                   "start, run, collect, lease, shutdown, queue")
     cancel_requested: bool = False
     replay_of: str | None = None
+    files: dict[str, str] = Field(default_factory=dict,
+                                  description="{name: file id} delivered at /run/in")
+    artifacts: list[ArtifactOut] | None = Field(
+        default=None, description="The last attempt's artifacts (null in lists; "
+                                  "GET /v1/runs/{id} has them)")
+    reused_from: str | None = Field(
+        default=None, description="The succeeded run whose result and artifacts this "
+                                  "run reuses; no container ran for it")
     attempts: list[AttemptOut] | None = Field(
         default=None, description="Every attempt (on GET /v1/runs/{id} only)")
     last_log_lines: list[str] | None = Field(
@@ -86,10 +139,11 @@ class RunOut(BaseModel):
 
     @classmethod
     def of(cls, run: Run, **extra: Any) -> Self:
+        extra.setdefault("artifacts", [a.public() for a in run.artifacts])
         return cls(
             next_attempt_at=run.next_attempt_at if run.status is RunStatus.QUEUED else None,
             error_stage=run.error_stage, cancel_requested=run.cancel_requested_at is not None,
-            replay_of=run.replay_of, **extra,
+            replay_of=run.replay_of, files=run.files, reused_from=run.reused_from, **extra,
             id=run.id, status=run.status, processor=run.processor, version=run.version,
             image=run.image, input=run.input, result=run.result, exit_code=run.exit_code,
             error_code=run.error_code, error_message=run.error_message, attempt=run.attempt,
@@ -134,6 +188,8 @@ class ProcessorOut(BaseModel):
     max_attempts: int
     max_concurrency: int | None
     input_schema: dict[str, Any]
+    accepts: dict[str, Any] = Field(description="The files it takes: media types, caps")
+    reusable: bool = True
 
 
 class ProcessorList(BaseModel):

@@ -71,6 +71,28 @@ class NewRun:
     request_hash: str | None = None
     replay_of: str | None = None
     traceparent: str | None = None
+    # {name: "sha256:<hex>"}: delivered read-only at /run/in/<name>.
+    files: dict[str, str] = field(default_factory=dict)
+    reuse_key: str | None = None
+    # A reuse hit: the run is recorded already succeeded, with this run's result and
+    # artifacts (`Artifact` records), and never starts a container.
+    reused_from: str | None = None
+    result: Any = None
+    artifacts: tuple[Artifact, ...] = ()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file an attempt left under /run/out (name with "/" for subdirectories)."""
+
+    name: str
+    size: int
+    sha256: str
+    media_type: str
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "sha256": self.sha256,
+                "media_type": self.media_type}
 
 
 @dataclass(frozen=True)
@@ -106,6 +128,11 @@ class Run:
     idempotency_key: str | None = None
     request_hash: str | None = None
     traceparent: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    reuse_key: str | None = None
+    reused_from: str | None = None
+    # The last attempt's artifacts, where the reader asked for them (else empty).
+    artifacts: tuple[Artifact, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,3 +148,5 @@ class Finish:
     log_bytes: int = 0
     log_truncated: bool = False
     next_attempt_at: datetime | None = None
+    # What the attempt left under /run/out, recorded with its end (one transaction).
+    artifacts: tuple[Artifact, ...] = ()

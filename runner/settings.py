@@ -87,6 +87,20 @@ class Settings(BaseSettings):
     # processors unbounded on a plain volume instead, with a warning at start.
     run_output_bound: Literal["required", "off"] = "required"
 
+    # Files in, artifacts out (docs/operators.md, "Files and artifacts").
+    # Where blobs live: "directory" (file_dir, on this host) or "database" (chunks in
+    # the run database, shared by every host that shares it).
+    file_store: Literal["directory", "database"] = "directory"
+    file_dir: Path = Path("var/files")
+    file_max_bytes: int = Field(default=1024**3, gt=0)  # one upload
+    run_files_max_bytes: int = Field(default=2 * 1024**3, gt=0)  # one run's files together
+    run_max_files: int = Field(default=64, ge=1, le=1000)
+    artifact_max_files: int = Field(default=1000, ge=1, le=100_000)
+    # A blob no file or artifact refers to is swept once it is this old (a crash
+    # between writing a blob and recording it leaves one behind).
+    file_orphan_grace_seconds: float = Field(default=3600.0, ge=0)
+    file_sweep_interval_seconds: float = Field(default=300.0, gt=0)
+
     # Each worker's /metrics, /healthz and /readyz; 0 = off. Under --concurrency N,
     # worker i of the supervisor listens on worker_port + i - 1.
     worker_host: str = "127.0.0.1"
@@ -98,7 +112,8 @@ class Settings(BaseSettings):
     trace_file: Path = Path("var/traces.jsonl")
     trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
 
-    @field_validator("tmp_size", "result_max_bytes", "input_max_bytes", mode="before")
+    @field_validator("tmp_size", "result_max_bytes", "input_max_bytes", "file_max_bytes",
+                     "run_files_max_bytes", mode="before")
     @classmethod
     def _size(cls, value: object) -> int:
         if isinstance(value, int | str):
@@ -109,7 +124,9 @@ class Settings(BaseSettings):
                      "heartbeat_seconds", "drain_timeout_seconds",
                      "reconcile_interval_seconds", "reconcile_grace_seconds",
                      "follow_max_seconds", "follow_key_check_seconds",
-                     "api_database_pool_timeout_seconds", mode="before")
+                     "api_database_pool_timeout_seconds", "file_orphan_grace_seconds",
+                     "file_sweep_interval_seconds",
+                     mode="before")
     @classmethod
     def _duration(cls, value: object) -> float:
         if isinstance(value, int | float | str):

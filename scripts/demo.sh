@@ -37,6 +37,17 @@ show "exit 3: a failure the runner reports, not hides" exit --input '{"code": 3}
 show "sleep forever with a 2 s timeout: SIGTERM, grace, gone" sleep --timeout 2
 show "memory hog over its 64 MiB limit: killed by the kernel, reported as oom_killed" memhog
 show "log flood of 50 MiB: stored up to the 1 MiB cap, marked truncated" logflood --input '{"megabytes": 50}'
+show "a file in, an artifact out: README.md at /run/in/text, counts.csv back" wordcount --file text=README.md
+
+echo
+echo "== the artifacts of the last wordcount run, downloaded"
+last=$(runner runs list --processor wordcount --limit 1 2>/dev/null | awk 'NR==1 {print $1}')
+if [ -n "$last" ]; then
+  out=var/dev/artifacts/$last
+  echo "\$ runner runs artifacts $last --download $out"
+  runner runs artifacts "$last" --download "$out" | sed 's/^/   /'
+  head -4 "$out/counts.csv" | sed 's/^/   counts.csv | /'
+fi
 
 echo
 # Workers remove a finished container in the background, just after recording its run.

@@ -33,7 +33,8 @@ MANIFEST_MEDIA_TYPES = ", ".join([
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.oci.image.index.v1+json",
 ])
-ENTRY_KEYS = ("description", "limits", "retry", "queue", "max_concurrency", "input_schema")
+ENTRY_KEYS = ("description", "limits", "retry", "queue", "max_concurrency", "input_schema",
+              "accepts", "reusable")
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 
 

@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from runner.cli import dev, keys, manifest, processor, runs, services
+from runner.cli import dev, files, keys, manifest, processor, runs, services
 from runner.cli.ops import ops_app
 from runner.errors import RunnerError
 
@@ -24,8 +24,8 @@ app.command("worker")(services.worker_command)
 app.command("reconcile")(services.reconcile_command)
 app.command("submit")(runs.submit_command)
 for sub, name in ((services.db_app, "db"), (keys.app, "keys"), (runs.app, "runs"),
-                  (manifest.app, "manifest"), (processor.app, "processor"), (dev.app, "dev"),
-                  (ops_app, "ops")):
+                  (files.app, "files"), (manifest.app, "manifest"), (processor.app, "processor"),
+                  (dev.app, "dev"), (ops_app, "ops")):
     app.add_typer(sub, name=name)
 
 

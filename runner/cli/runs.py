@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from runner.cli.common import api_client, command, load_input, print_json
+from runner.cli.common import api_client, command, fail, load_input, print_json
+from runner.cli.files import parse_file_options, upload_run_files
+from runner.cli.progress import Transfers
 
 app = typer.Typer(help="Inspect runs through the API.", no_args_is_help=True)
 
@@ -27,12 +30,27 @@ def submit_command(
     input: Annotated[str | None, typer.Option("--input", help="JSON or @file")] = None,
     timeout: Annotated[int | None, typer.Option(help="Seconds, up to the manifest's")] = None,
     idempotency_key: Annotated[str | None, typer.Option()] = None,
+    file: Annotated[list[str] | None, typer.Option(
+        "--file", metavar="NAME=PATH",
+        help="Upload PATH (or use an uploaded file's id, sha256:...); the run reads it "
+             "at /run/in/NAME (repeatable)")] = None,
+    reuse: Annotated[bool, typer.Option(
+        help="Stand in an earlier succeeded run of the same image, input and files")] = False,
+    reuse_max_age: Annotated[str | None, typer.Option(
+        metavar="DURATION", help="--reuse, but only a run at most this old (1h, 30m)")] = None,
     follow: Annotated[bool, typer.Option(help="Stream logs, then print the run")] = False,
 ) -> None:
     """Submit a run; prints the run (or streams its logs with --follow)."""
+    data = load_input(input)
+    sources = parse_file_options(file or [])
+    reused: bool | dict[str, str] | None = (
+        {"max_age": reuse_max_age} if reuse_max_age else True if reuse else None)
     with api_client() as client:
-        run = client.submit(processor, load_input(input), version=version,
-                            timeout_seconds=timeout, idempotency_key=idempotency_key)
+        with Transfers() as bars:
+            files = upload_run_files(client, sources, bars)
+        run = client.submit(processor, data, version=version, timeout_seconds=timeout,
+                            idempotency_key=idempotency_key, files=files or None,
+                            reuse=reused)
         if not follow:
             print_json(run)
             return
@@ -80,6 +98,44 @@ def runs_replay(run_id: str) -> None:
     """Start a new run with an ended run's processor version and input."""
     with api_client() as client:
         print_json(client.replay(run_id))
+
+
+@app.command("artifacts")
+@command
+def runs_artifacts(
+    run_id: str,
+    attempt: Annotated[int | None, typer.Option(min=1, help="Default: the last")] = None,
+    download: Annotated[Path | None, typer.Option(
+        metavar="DIR", help="Download them all into DIR, subdirectories kept")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the listing as JSON")] = False,
+) -> None:
+    """List a run's artifacts (size, media type, SHA-256, name), or download them."""
+    with api_client() as client:
+        listing = client.artifacts(run_id, attempt=attempt)
+        items = listing["items"]
+        if download is None and as_json:
+            print_json(listing)
+            return
+        if download is None:
+            for item in items:
+                typer.echo(f"{item['size']:>12}  {item['media_type']:<28} "
+                           f"{item['sha256'].removeprefix('sha256:')[:12]}  {item['name']}")
+            if not items:
+                typer.echo(f"run {run_id} attempt {listing['attempt']}: no artifacts",
+                           err=True)
+            return
+        from runner.client import artifact_target
+
+        if download.exists() and not download.is_dir():
+            fail(f"--download {download}: not a directory")
+        for item in items:  # a name that would escape DIR refuses the lot, up front
+            artifact_target(download, item["name"])
+        with Transfers() as bars:  # the listing's attempt, even if a newer one starts
+            for item in items:
+                written = client.download_artifact(
+                    run_id, item["name"], download, attempt=listing["attempt"],
+                    sha256=item["sha256"], progress=bars.track(item["name"]))
+                typer.echo(str(written))
 
 
 @app.command("logs")

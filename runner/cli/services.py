@@ -49,12 +49,16 @@ def reconcile_command() -> None:
     """One reconciler pass: recover expired leases, lost jobs, leftover containers."""
     from runner.execution.wiring import build_reconciler
 
-    report = build_reconciler(settings("reconciler")).run_once()
+    reconciler = build_reconciler(settings("reconciler"))
+    report = reconciler.run_once()
     if report.skipped:
         typer.echo("another reconciler holds the lock; nothing done")
         return
+    swept = reconciler.sweep_files_now().swept_blobs + report.swept_blobs
     typer.echo(f"expired leases: {len(report.expired)}, requeued: {len(report.requeued)}, "
-               f"containers removed: {len(report.removed_containers)}")
+               f"containers removed: {len(report.removed_containers)}, "
+               f"runs pruned: {report.pruned}, files pruned: {report.pruned_files}, "
+               f"blobs swept: {swept}")
 
 
 @db_app.command("upgrade")

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from runner.control.logstore import captured_bytes
 from runner.control.models import AttemptRow, RunRow, SlotRow
 from runner.control.rows import run_from_row
-from runner.control.store import Store, rows_changed
+from runner.control.store import Store, add_artifacts, rows_changed
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
 from runner.errors import ConflictError, NotFoundError
 
@@ -342,6 +342,9 @@ class Lifecycle:
                      exit_code=outcome.exit_code, error_code=outcome.error_code,
                      error_message=outcome.error_message, error_stage=outcome.error_stage,
                      log_bytes=outcome.log_bytes, finished_at=now))
+            if outcome.artifacts:
+                tenant = session.scalar(select(RunRow.tenant).where(RunRow.id == run_id))
+                add_artifacts(session, run_id, attempt, tenant or "", outcome.artifacts)
             freed = rows_changed(session, delete(SlotRow).where(SlotRow.run_id == run_id,
                                                                 SlotRow.attempt == attempt))
             if freed:

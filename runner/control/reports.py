@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from sqlalchemy import ColumnElement, Engine, Select, delete, func, select
 from sqlalchemy.orm import Session
 
-from runner.control.models import AttemptRow, LogChunkRow, RunRow
+from runner.control.models import ArtifactRow, AttemptRow, LogChunkRow, RunFileRow, RunRow
 from runner.control.rows import run_from_row
 from runner.domain import Run, RunStatus
 
@@ -238,8 +238,9 @@ class StoreReports:
                 .order_by(RunRow.finished_at).limit(batch)))
             if not ids:
                 return 0
-            session.execute(delete(LogChunkRow).where(LogChunkRow.run_id.in_(ids))
-                            .execution_options(synchronize_session=False))
+            for table in (LogChunkRow, ArtifactRow, RunFileRow):
+                session.execute(delete(table).where(table.run_id.in_(ids))
+                                .execution_options(synchronize_session=False))
             session.execute(delete(AttemptRow).where(AttemptRow.run_id.in_(ids))
                             .execution_options(synchronize_session=False))
             session.execute(delete(RunRow).where(RunRow.id.in_(ids))

@@ -36,4 +36,5 @@ def run_from_row(row: RunRow) -> Run:
         cancel_requested_at=aware(row.cancel_requested_at), error_stage=row.error_stage,
         replay_of=row.replay_of, idempotency_key=row.idempotency_key,
         request_hash=row.request_hash, traceparent=row.traceparent,
+        files=dict(row.files or {}), reuse_key=row.reuse_key, reused_from=row.reused_from,
     )

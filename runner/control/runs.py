@@ -8,7 +8,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import timedelta
+from typing import Any, Protocol
 
 import jsonschema
 import referencing.exceptions
@@ -18,7 +19,7 @@ from jsonschema.protocols import Validator
 from runner.control.queue import RunQueue
 from runner.control.store import Store
 from runner.control.strictjson import check_strict_json
-from runner.domain import NewRun, Run
+from runner.domain import Artifact, NewRun, Run, utcnow
 from runner.errors import (
     ConflictError,
     InvalidInputError,
@@ -50,12 +51,31 @@ class Submission:
     replay_of: str | None = None
     # The submitting request's trace context (not part of the fingerprint).
     traceparent: str | None = None
+    # {name: file id}: delivered at /run/in/<name>.
+    files: Mapping[str, str] = field(default_factory=dict)
+    # Answer with an earlier succeeded run of the same image, input and files (no
+    # container starts); `reuse_max_age` bounds how long ago it may have finished.
+    reuse: bool = False
+    reuse_max_age: float | None = None
 
     def fingerprint(self) -> str:
         """A hash of what was asked for, to tell a true retry from a reused key."""
-        body = {"processor": self.processor, "version": self.version, "input": self.input,
-                "timeout_seconds": self.timeout_seconds, "labels": dict(self.labels)}
+        body: dict[str, Any] = {
+            "processor": self.processor, "version": self.version, "input": self.input,
+            "timeout_seconds": self.timeout_seconds, "labels": dict(self.labels)}
+        if self.files or self.reuse:  # runs without them keep their old fingerprints
+            body.update(files=dict(self.files), reuse=self.reuse,
+                        reuse_max_age=self.reuse_max_age)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def reuse_key(image: str, input_json: bytes, files: Mapping[str, str]) -> str:
+    """What a run computes from, as one digest: the pinned image, the input as encoded
+    (keys sorted) and each file's name and content hash."""
+    body = {"image": image, "input": json.loads(input_json),
+            "files": {name: files[name] for name in sorted(files)}}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
 
 
 def _json_path(path: Any) -> str:
@@ -131,9 +151,21 @@ def check_input(processor: Processor, value: object, *, max_bytes: int,
     return encoded
 
 
+class FileRules(Protocol):
+    """How a submission's files are checked, and a reuse hit's artifacts found
+    (`runner.control.files.RunFiles`)."""
+
+    def check(self, tenant: str, files: Mapping[str, str], processor: Processor) -> None:
+        """Raises: InvalidRequestError naming the file (`files.<name>`) and why."""
+
+    def artifacts_of(self, run: Run) -> list[Artifact]:
+        """The artifacts a run shows (its last attempt's)."""
+
+
 def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: RunQueue,
            default_queue: str, stop_grace_seconds: float,
-           input_max_bytes: int = 1024 * 1024, max_active: int = 0) -> Run:
+           input_max_bytes: int = 1024 * 1024, max_active: int = 0,
+           file_rules: FileRules | None = None) -> Run:
     """Record a new queued run and hand its id to the queue.
 
     Raises:
@@ -142,6 +174,8 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         InvalidRequestError: input over its size cap or not strict JSON (field
             `input`), or timeout_seconds above the manifest's limit.
         InvalidRequestError: the idempotency key was used for a different request.
+        InvalidRequestError: a file is refused (field `files.<name>`: its name, an
+            unknown id, the processor's `accepts`, the caps).
         QuotaExceededError: the tenant is at its cap of queued and running runs.
     """
     processor = manifest.find(submission.processor, submission.version)
@@ -149,13 +183,25 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         wanted = submission.processor + (f" {submission.version}" if submission.version else "")
         raise UnknownProcessorError(f"no processor {wanted} in the manifest",
                                     field="version" if submission.version else "processor")
-    check_input(processor, dict(submission.input), max_bytes=input_max_bytes,
-                revision=manifest.revision)
+    encoded = check_input(processor, dict(submission.input), max_bytes=input_max_bytes,
+                          revision=manifest.revision)
     limit = processor.limits.timeout_seconds
     if submission.timeout_seconds is not None and submission.timeout_seconds > limit:
         raise InvalidRequestError(
             f"timeout_seconds {submission.timeout_seconds} is above this processor's "
             f"limit of {limit:g}", field="timeout_seconds")
+    files = dict(submission.files)
+    if files:
+        if file_rules is None:
+            raise InvalidRequestError("files: this service takes no files", field="files")
+        file_rules.check(submission.tenant, files, processor)
+    key = reuse_key(processor.image, encoded, files)
+    hit = None
+    if submission.reuse and processor.reusable:
+        not_before = (utcnow() - timedelta(seconds=submission.reuse_max_age)
+                      if submission.reuse_max_age is not None else None)
+        hit = store.find_reusable(tenant=submission.tenant, reuse_key=key,
+                                  not_before=not_before)
     run, created = store.create_run(NewRun(
         tenant=submission.tenant, processor=processor.name, version=processor.version,
         image=processor.image, queue=processor.queue or default_queue,
@@ -164,9 +210,18 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         max_attempts=processor.retry.max_attempts, manifest_revision=manifest.revision,
         idempotency_key=submission.idempotency_key, request_hash=submission.fingerprint(),
         replay_of=submission.replay_of, traceparent=submission.traceparent,
+        files=files, reuse_key=key,
+        reused_from=(hit.reused_from or hit.id) if hit is not None else None,
+        result=hit.result if hit is not None else None,
+        artifacts=tuple(file_rules.artifacts_of(hit)) if hit is not None and file_rules
+        else (),
     ), max_active=max_active)
     if not created:
         log.info("run_submission_replayed", run_id=run.id, tenant=run.tenant)
+        return run
+    if run.reused_from is not None:
+        log.info("run_reused", run_id=run.id, reused_from=run.reused_from,
+                 processor=run.processor, tenant=run.tenant)
         return run
     try:
         queue.enqueue(run, stop_grace_seconds=stop_grace_seconds)
@@ -182,11 +237,12 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
 def replay(run_id: str, *, tenant: str | None, manifest: Manifest, store: Store,
            queue: RunQueue, default_queue: str, stop_grace_seconds: float,
            input_max_bytes: int = 1024 * 1024, max_active: int = 0,
-           traceparent: str | None = None) -> Run:
+           traceparent: str | None = None, file_rules: FileRules | None = None) -> Run:
     """A new run of an ended run's processor version and input, linked to it.
 
     It runs the image the manifest pins now, so a processor fixed and re-pinned after
-    a dead letter can be replayed to success.
+    a dead letter can be replayed to success, with the same files (never a reuse: a
+    replay is asked for to run again).
 
     Raises:
         NotFoundError: no such run for this tenant.
@@ -208,7 +264,8 @@ def replay(run_id: str, *, tenant: str | None, manifest: Manifest, store: Store,
     return submit(Submission(tenant=original.tenant, processor=original.processor,
                              version=original.version, input=original.input,
                              timeout_seconds=timeout, labels=original.labels,
-                             replay_of=original.id, traceparent=traceparent),
+                             replay_of=original.id, traceparent=traceparent,
+                             files=original.files),
                   manifest=manifest, store=store, queue=queue, default_queue=default_queue,
                   stop_grace_seconds=stop_grace_seconds, input_max_bytes=input_max_bytes,
-                  max_active=max_active)
+                  max_active=max_active, file_rules=file_rules)

@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, cast
 
@@ -43,10 +43,10 @@ from sqlalchemy.orm import Session, defer, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 
 from runner.control.logstore import StoreLogs
-from runner.control.models import AttemptRow, RunRow, TenantRow
+from runner.control.models import ArtifactRow, AttemptRow, RunFileRow, RunRow, TenantRow
 from runner.control.reports import StoreReports
 from runner.control.rows import aware, run_from_row
-from runner.domain import NewRun, Run, RunStatus, utcnow
+from runner.domain import Artifact, NewRun, Run, RunStatus, utcnow
 from runner.errors import InvalidRequestError, QuotaExceededError, ServiceUnavailableError
 
 SQLAlchemyError = _SQLAlchemyError
@@ -94,6 +94,15 @@ class RunPage:
     runs: list[Run]
     next_cursor: str | None
     left_out: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def add_artifacts(session: Session, run_id: str, attempt: int, tenant: str,
+                  artifacts: Collection[Artifact]) -> None:
+    """Record what attempt `attempt` left under /run/out (inside the caller's transaction:
+    with the attempt's end, or with a reuse hit's insert)."""
+    session.add_all(ArtifactRow(run_id=run_id, attempt=attempt, name=a.name, tenant=tenant,
+                                size=a.size, sha256=a.sha256, media_type=a.media_type)
+                    for a in artifacts)
 
 
 def rows_changed(session: Session, statement: Executable) -> int:
@@ -170,14 +179,21 @@ class Store(StoreLogs, StoreReports):
         existing = self._existing(new)
         if existing is not None:
             return existing, False
+        now = utcnow()
+        reused = new.reused_from is not None
         row = RunRow(
-            id=new_run_id(), tenant=new.tenant, status=RunStatus.QUEUED.value,
+            id=new_run_id(), tenant=new.tenant,
+            status=(RunStatus.SUCCEEDED if reused else RunStatus.QUEUED).value,
             processor=new.processor, version=new.version, image=new.image, queue=new.queue,
             input=new.input, labels=new.labels, timeout_seconds=new.timeout_seconds,
             attempt=0, max_attempts=new.max_attempts, manifest_revision=new.manifest_revision,
-            log_bytes=0, log_truncated=False, created_at=utcnow(),
+            log_bytes=0, log_truncated=False, created_at=now,
             idempotency_key=new.idempotency_key, request_hash=new.request_hash,
             replay_of=new.replay_of, traceparent=new.traceparent,
+            files=dict(new.files) or None, reuse_key=new.reuse_key,
+            reused_from=new.reused_from, result=new.result if reused else None,
+            started_at=now if reused else None, finished_at=now if reused else None,
+            exit_code=0 if reused else None,
         )
         if max_active > 0:
             self._ensure_tenant(new.tenant)
@@ -202,7 +218,14 @@ class Store(StoreLogs, StoreReports):
                             f"tenant {new.tenant} has {active} queued or running runs, "
                             f"its cap is {max_active}", retry_after=5)
                 session.add(row)
-            return run_from_row(row), True
+                session.flush()
+                for name, file_id in new.files.items():
+                    session.add(RunFileRow(run_id=row.id, name=name, tenant=new.tenant,
+                                           sha256=file_id.removeprefix("sha256:")))
+                # A reuse hit's artifacts are its source's, recorded as its own (attempt 0).
+                add_artifacts(session, row.id, 0, new.tenant, new.artifacts)
+            run = run_from_row(row)
+            return replace(run, artifacts=tuple(new.artifacts)), True
         except IntegrityError:
             if new.idempotency_key is None:
                 raise
@@ -228,6 +251,18 @@ class Store(StoreLogs, StoreReports):
                 session.add(TenantRow(tenant=tenant, touched_at=utcnow()))
         except IntegrityError:
             pass  # another process made it first
+
+    def find_reusable(self, *, tenant: str, reuse_key: str,
+                      not_before: datetime | None) -> Run | None:
+        """The tenant's newest succeeded run with this reuse key (finished at or after
+        `not_before`), or None."""
+        query = select(RunRow).where(RunRow.tenant == tenant, RunRow.reuse_key == reuse_key,
+                                     RunRow.status == RunStatus.SUCCEEDED.value)
+        if not_before is not None:
+            query = query.where(RunRow.finished_at >= not_before)
+        with self.session() as session:
+            row = session.scalar(query.order_by(RunRow.finished_at.desc()).limit(1))
+            return run_from_row(row) if row is not None else None
 
     def run_status(self, run_id: str) -> str | None:
         """Only the run's status (a long poll reads it many times)."""

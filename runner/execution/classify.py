@@ -11,8 +11,8 @@ import json
 import math
 from typing import Any, NoReturn
 
-from runner.domain import ErrorCode, Finish, RunStatus
-from runner.sandbox import Outcome, ResultStatus
+from runner.domain import Artifact, ErrorCode, Finish, RunStatus
+from runner.sandbox import ArtifactStatus, Outcome, ResultStatus
 
 # A result is stored and served as JSON, so it must be strict JSON (RFC 8259) that
 # every store and client reads back the same: no NaN or Infinity (Python writes them,
@@ -100,7 +100,23 @@ def _failure(outcome: Outcome) -> tuple[RunStatus, ErrorCode, str] | None:
     if result.status in (ResultStatus.SYMLINK, ResultStatus.NOT_REGULAR):
         return (RunStatus.FAILED, ErrorCode.INVALID_OUTPUT,
                 f"result.json is not a regular file ({result.status})")
+    artifacts = outcome.artifacts
+    if artifacts.status is ArtifactStatus.INVALID:
+        return (RunStatus.FAILED, ErrorCode.INVALID_OUTPUT,
+                f"/run/out holds what cannot be an artifact: {artifacts.problem}")
+    if artifacts.status is ArtifactStatus.TOO_LARGE:
+        return (RunStatus.FAILED, ErrorCode.OUTPUT_TOO_LARGE,
+                f"the artifacts are over their cap: {artifacts.problem}")
     return None
+
+
+def kept_artifacts(outcome: Outcome) -> tuple[Artifact, ...]:
+    """The artifacts an attempt's end records: all of a collection that passed, none of
+    one that did not (nothing of it is half-kept)."""
+    if outcome.artifacts.status is not ArtifactStatus.OK:
+        return ()
+    return tuple(Artifact(a.name, a.size, a.sha256, a.media_type)
+                 for a in outcome.artifacts.items)
 
 
 def classify(outcome: Outcome) -> Finish:
@@ -116,11 +132,13 @@ def classify(outcome: Outcome) -> Finish:
         except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError, int limits
             failure = (RunStatus.FAILED, ErrorCode.INVALID_OUTPUT,
                        f"result.json is not JSON: {exc}")
+    artifacts = kept_artifacts(outcome)
     if failure is None:
         return Finish(RunStatus.SUCCEEDED, exit_code=outcome.exit_code, result=value,
-                      log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
+                      log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated,
+                      artifacts=artifacts)
     status, code, message = failure
     stage = "collect" if code in (ErrorCode.INVALID_OUTPUT, ErrorCode.OUTPUT_TOO_LARGE) else "run"
     return Finish(status, exit_code=outcome.exit_code, error_code=code, error_message=message,
                   error_stage=stage, log_bytes=outcome.log_bytes,
-                  log_truncated=outcome.log_truncated)
+                  log_truncated=outcome.log_truncated, artifacts=artifacts)

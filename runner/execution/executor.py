@@ -28,13 +28,13 @@ from runner.control.lifecycle import ClaimStatus
 from runner.control.retry import decide
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
 from runner.errors import SandboxError, ServiceUnavailableError
-from runner.execution.classify import classify
+from runner.execution.classify import classify, kept_artifacts
 from runner.execution.guard import AttemptGuard, LogWriter
-from runner.execution.ports import FaultHook, RunLedger, SandboxPort, no_fault
+from runner.execution.ports import FaultHook, FilesPort, RunLedger, SandboxPort, no_fault
 from runner.manifest import ManifestSource, Processor, RetryPolicy
 from runner.observability.metrics import WorkerMetrics
 from runner.observability.telemetry import AttemptStages, context_from, trace_id
-from runner.sandbox import WORKER_LABEL, spec_for
+from runner.sandbox import WORKER_LABEL, InputFile, spec_for
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +53,7 @@ class Executor:
     fault: FaultHook = no_fault  # tests only: tests/support/faults.py
     tracer: trace.Tracer = field(default_factory=trace.NoOpTracer)
     metrics: WorkerMetrics | None = None
+    files: FilesPort | None = None  # None: a run with files fails to launch
     _record_pool: ThreadPoolExecutor | None = None
 
     def execute(self, run_id: str, attempt: int, *,
@@ -169,10 +170,15 @@ class Executor:
                           error_message=(f"{run.image} is no longer allowlisted for "
                                          f"{run.processor} {run.version} "
                                          f"(manifest {revision})"))
+        try:
+            inputs = self._inputs(run)
+        except SandboxError as exc:
+            return Finish(RunStatus.DEAD_LETTER, error_code=exc.error_code,
+                          error_stage="deliver input", error_message=exc.message)
         spec = spec_for(run_id=run.id, attempt=run.attempt, image=run.image,
                         limits=processor.limits, timeout_seconds=run.timeout_seconds,
                         input_json=json.dumps(run.input).encode(),
-                        labels={WORKER_LABEL: self.worker_id})
+                        labels={WORKER_LABEL: self.worker_id}, files=inputs)
         # A first attempt has no output before it; later ones append after earlier ones.
         offset = self.ledger.log_offset(run.id) if run.attempt > 1 else 0
         writer = LogWriter(self.ledger, run.id, run.attempt, offset)
@@ -195,8 +201,10 @@ class Executor:
         began = time.monotonic()
         try:
             try:
-                outcome = self.sandbox.run(spec, on_log=writer.write, on_start=started,
-                                           stages=stages, on_receipt=verified)
+                outcome = self.sandbox.run(
+                    spec, on_log=writer.write, on_start=started, stages=stages,
+                    on_receipt=verified,
+                    artifacts=self.files.sink(run) if self.files is not None else None)
             finally:
                 futures.wait(pending, timeout=RECORD_RETRY_SECONDS)
         except SandboxError as exc:
@@ -224,8 +232,23 @@ class Executor:
             return Finish(RunStatus.CANCELED, exit_code=outcome.exit_code,
                           error_code=ErrorCode.CANCELED, error_stage="run",
                           error_message="canceled while running",
-                          log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
+                          log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated,
+                          artifacts=kept_artifacts(outcome))
         return classify(outcome)
+
+    def _inputs(self, run: Run) -> list[InputFile]:
+        """The run's files for /run/in.
+
+        Raises:
+            SandboxError: the run has files and this worker has no file store, or one
+                of them is gone.
+        """
+        if not run.files:
+            return []
+        if self.files is None:
+            raise SandboxError("this worker has no file store, and the run has files",
+                               stage="deliver input")
+        return self.files.inputs(run)
 
     def close(self) -> None:
         """Wait for container records still being written (at worker shutdown)."""

@@ -2,7 +2,8 @@
 
 `RunLedger` is the control side (implemented by `runner.control.ledger.Ledger`),
 `QueuePort` the reconciler's Redis (`runner.control.queue.RunQueue`), `SandboxPort`
-the container side (implemented by `runner.sandbox.Sandbox`). The
+the container side (implemented by `runner.sandbox.Sandbox`), `FilesPort` the file
+store (`runner.execution.files.WorkerFiles`). The
 executor, guard and reconciler are written against these, so unit tests can run
 them on SQLite with a fake sandbox (tests/support/fakes.py) and no Docker.
 """
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 from runner.control.lifecycle import Claim, Heartbeat
 from runner.domain import Finish, Run
 from runner.observability.telemetry import StageObserver
-from runner.sandbox import ContainerSpec, LogSink, Outcome
+from runner.sandbox import ArtifactSink, ContainerSpec, InputFile, LogSink, Outcome
 
 
 class RunLedger(Protocol):
@@ -77,7 +78,8 @@ class SandboxPort(Protocol):
     def run(self, spec: ContainerSpec, *, on_log: LogSink,
             on_start: Callable[[str, str], None] | None = None,
             stages: StageObserver | None = None,
-            on_receipt: Callable[[dict[str, Any]], None] | None = None) -> Outcome: ...
+            on_receipt: Callable[[dict[str, Any]], None] | None = None,
+            artifacts: ArtifactSink | None = None) -> Outcome: ...
 
     def stop(self, container_id: str) -> None: ...
 
@@ -96,6 +98,18 @@ class SandboxPort(Protocol):
     def ping(self) -> None: ...
 
     def check_engine(self) -> None: ...
+
+
+class FilesPort(Protocol):
+    """Files in and artifacts out (implemented by `runner.execution.files.WorkerFiles`)."""
+
+    def inputs(self, run: Run) -> list[InputFile]: ...
+
+    def sink(self, run: Run) -> ArtifactSink: ...
+
+    def prune_files(self, *, cutoff: datetime) -> int: ...
+
+    def sweep_blobs(self, *, grace_seconds: float) -> dict[str, int]: ...
 
 
 # A named point in an attempt where a test entry point may inject a fault

@@ -17,6 +17,7 @@ one worker at a time through a Redis lock):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -25,7 +26,7 @@ import structlog
 from runner.control.retry import decide
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
 from runner.errors import RunnerError, SandboxError, ServiceUnavailableError
-from runner.execution.ports import QueuePort, RunLedger, SandboxPort
+from runner.execution.ports import FilesPort, QueuePort, RunLedger, SandboxPort
 from runner.manifest import ManifestSource, RetryPolicy
 from runner.sandbox import ATTEMPT_LABEL, RUN_LABEL
 
@@ -41,10 +42,13 @@ class Report:
     requeued: list[str] = field(default_factory=list)
     removed_containers: list[str] = field(default_factory=list)
     pruned: int = 0  # runs deleted by retention
+    pruned_files: int = 0  # uploaded files no kept run refers to, past retention
+    swept_blobs: int = 0  # unfinished uploads and unreferenced blobs removed
     skipped: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.expired or self.requeued or self.removed_containers or self.pruned)
+        return bool(self.expired or self.requeued or self.removed_containers or self.pruned
+                    or self.pruned_files or self.swept_blobs)
 
 
 @dataclass
@@ -64,6 +68,12 @@ class Reconciler:
     # How long a retry taken back from a lost worker waits at most for the old
     # container's removal before it may start anyway (the reconciler died mid-way).
     hold_seconds: float = 60.0
+    # The file store: retention of files, and the sweep of blobs nothing refers to
+    # (older than `orphan_grace_seconds`), at most every `file_sweep_seconds`.
+    files: FilesPort | None = None
+    orphan_grace_seconds: float = 3600.0
+    file_sweep_seconds: float = 300.0
+    _swept_at: float = field(default=float("-inf"), repr=False)
 
     def run_once(self) -> Report:
         """One pass; skipped when another process holds the reconciler lock."""
@@ -81,12 +91,14 @@ class Reconciler:
             self._sweep_containers(report)
             self._sweep_volumes()
             self._retention(report)
+            self._sweep_files(report)
         finally:
             if token:
                 self.queue.unlock(LOCK_KEY, token)
         if report:
             log.info("reconciled", expired=report.expired, requeued=report.requeued,
-                     removed_containers=report.removed_containers, pruned=report.pruned)
+                     removed_containers=report.removed_containers, pruned=report.pruned,
+                     pruned_files=report.pruned_files, swept_blobs=report.swept_blobs)
         return report
 
     def _policy(self, run: Run) -> RetryPolicy | None:
@@ -186,6 +198,33 @@ class Reconciler:
         cutoff = utcnow() - timedelta(days=self.retention_days)
         report.pruned = self.ledger.prune_runs_ended_before(cutoff=cutoff,
                                                             batch=self.retention_batch)
+        if self.files is not None:
+            try:
+                report.pruned_files = self.files.prune_files(cutoff=cutoff)
+            except ServiceUnavailableError as exc:
+                log.warning("file_retention_failed", error=exc.message)
+
+    def _sweep_files(self, report: Report, *, force: bool = False) -> None:
+        """Remove blobs of crashed uploads and blobs no file or artifact refers to any
+        more (their runs were deleted), once past the orphan grace period."""
+        if self.files is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._swept_at < self.file_sweep_seconds:
+            return
+        self._swept_at = now
+        try:
+            swept = self.files.sweep_blobs(grace_seconds=self.orphan_grace_seconds)
+        except ServiceUnavailableError as exc:
+            log.warning("blob_sweep_failed", error=exc.message)
+            return
+        report.swept_blobs = swept["temp"] + swept["unreferenced"]
+
+    def sweep_files_now(self) -> Report:
+        """One sweep of the file store, whenever the last one was (`runner reconcile`)."""
+        report = Report()
+        self._sweep_files(report, force=True)
+        return report
 
     def _sweep_containers(self, report: Report) -> None:
         if self.sandbox is None:

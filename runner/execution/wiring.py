@@ -1,7 +1,7 @@
 """Builds a worker process's services once, the way `api/deps.py` does for the API.
 
 One `Store`, one `RunQueue`, one `ManifestSource`, one `Lifecycle` (with the run-end
-listeners), one `Ledger` and one `Sandbox` per process; the executor and the
+listeners), one `Ledger`, one file store and one `Sandbox` per process; the executor and the
 reconciler thread share them. Also the settings-to-sandbox mapping that
 `runner processor run` reuses, so a local run gets the workers' container settings.
 """
@@ -12,12 +12,14 @@ from dataclasses import dataclass, replace
 
 from opentelemetry import trace
 
+from runner.control.files import catalog_for
 from runner.control.ledger import Ledger
 from runner.control.lifecycle import Lifecycle
 from runner.control.notify import RunEndNotice
 from runner.control.queue import RunQueue
 from runner.control.store import Store
 from runner.execution.executor import Executor
+from runner.execution.files import WorkerFiles
 from runner.execution.ports import FaultHook, SandboxPort, no_fault
 from runner.execution.reconciler import Reconciler
 from runner.manifest import ManifestSource
@@ -33,7 +35,8 @@ def sandbox_config(settings: Settings) -> SandboxConfig:
                          result_max_bytes=settings.result_max_bytes,
                          instance=settings.instance,
                          direct_volume_io=settings.direct_volume_io,
-                         require_run_bound=settings.run_output_bound == "required")
+                         require_run_bound=settings.run_output_bound == "required",
+                         artifact_max_files=settings.artifact_max_files)
 
 
 def control_side(settings: Settings, *, store: Store | None = None
@@ -56,6 +59,7 @@ class WorkerServices:
     ledger: Ledger
     manifests: ManifestSource
     sandbox: SandboxPort | None
+    files: WorkerFiles
 
     @classmethod
     def build(cls, settings: Settings, *, store: Store | None = None,
@@ -71,8 +75,10 @@ class WorkerServices:
             sandbox = Sandbox.from_env(replace(sandbox_config(settings),
                                                remove_in_background=background_removal),
                                        timeout=settings.pull_timeout_seconds)
+        catalog = catalog_for(settings, store)
         return cls(settings=settings, store=store, queue=queue, ledger=ledger,
-                   manifests=ManifestSource(settings.manifest), sandbox=sandbox)
+                   manifests=ManifestSource(settings.manifest), sandbox=sandbox,
+                   files=WorkerFiles(catalog))
 
     def executor(self, *, tracer: trace.Tracer | None = None,
                  metrics: WorkerMetrics | None = None, fault: FaultHook = no_fault
@@ -83,7 +89,8 @@ class WorkerServices:
                         worker_id=s.worker_id, lease_seconds=s.lease_seconds,
                         heartbeat_seconds=s.heartbeat_seconds,
                         stop_grace_seconds=s.stop_grace_seconds,
-                        tracer=tracer or trace.NoOpTracer(), metrics=metrics, fault=fault)
+                        tracer=tracer or trace.NoOpTracer(), metrics=metrics, fault=fault,
+                        files=self.files)
 
     def reconciler(self) -> Reconciler:
         s = self.settings
@@ -91,7 +98,9 @@ class WorkerServices:
                           manifests=self.manifests, grace_seconds=s.reconcile_grace_seconds,
                           stop_grace_seconds=s.stop_grace_seconds,
                           lock_seconds=max(2.0, 2 * s.reconcile_interval_seconds),
-                          retention_days=s.retention_days)
+                          retention_days=s.retention_days, files=self.files,
+                          orphan_grace_seconds=s.file_orphan_grace_seconds,
+                          file_sweep_seconds=s.file_sweep_interval_seconds)
 
     def close(self) -> None:
         self.store.close()

@@ -13,6 +13,7 @@ it; it knows nothing of Docker, the database or HTTP.
 from runner.manifest.model import (
     DEFAULT_RETRY_ON,
     IMAGE_REF,
+    Accepts,
     Limits,
     Manifest,
     Processor,
@@ -23,7 +24,7 @@ from runner.manifest.pin import entry_for, pin
 from runner.manifest.source import ManifestSource
 
 __all__ = [
-    "DEFAULT_RETRY_ON", "IMAGE_REF", "Limits", "Manifest", "ManifestSource", "Processor",
+    "DEFAULT_RETRY_ON", "IMAGE_REF", "Accepts", "Limits", "Manifest", "ManifestSource", "Processor",
     "RetryPolicy", "entry_for", "iter_problems", "load_manifest", "parse_manifest", "pin",
     "revision_of", "schema",
 ]

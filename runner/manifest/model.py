@@ -58,6 +58,21 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class Accepts:
+    """Which files a processor takes at /run/in: media types (wildcards such as
+    `text/*`), a size cap per file, and how many. Without `accepts` in the manifest, any
+    media type, up to the platform's caps (RUNNER_FILE_MAX_BYTES, RUNNER_RUN_MAX_FILES)."""
+
+    media_types: tuple[str, ...] = ("*/*",)
+    max_bytes: int | None = None
+    max_files: int | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {"media_types": list(self.media_types), "max_bytes": self.max_bytes,
+                "max_files": self.max_files}
+
+
+@dataclass(frozen=True)
 class Processor:
     """One allowlisted processor version and its pinned image."""
 
@@ -72,6 +87,10 @@ class Processor:
     max_concurrency: int | None = None
     description: str = ""
     input_schema: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    accepts: Accepts = field(default_factory=Accepts)
+    # false: a processor that is not deterministic; a submission's "reuse" never
+    # answers with an earlier run of it.
+    reusable: bool = True
 
     def public(self) -> dict[str, Any]:
         """The processor as API clients see it."""
@@ -91,6 +110,8 @@ class Processor:
             "max_attempts": self.retry.max_attempts,
             "max_concurrency": self.max_concurrency,
             "input_schema": dict(self.input_schema),
+            "accepts": self.accepts.public(),
+            "reusable": self.reusable,
         }
 
 

@@ -44,6 +44,7 @@ from runner.manifest.model import (
     MIN_MEMORY_BYTES,
     MIN_OUTPUT_BYTES,
     MIN_TIMEOUT_SECONDS,
+    Accepts,
     Limits,
     Manifest,
     Processor,
@@ -267,6 +268,10 @@ def _parse(text: str, source: str) -> Manifest:
                              f"duplicate processor {key[0]} version {key[1]}")
             named.add((key[0], key[1]))
         blocks.append((["processors", index, "limits"], entry.get("limits")))
+        accepts = entry.get("accepts")
+        if (isinstance(accepts, dict) and "max_bytes" in accepts
+                and (why := _accepts_problem(accepts["max_bytes"])) is not None):
+            problems.add(["processors", index, "accepts", "max_bytes"], why)
         problem = image_problem(entry.get("image")) if "image" in entry else None
         if problem and isinstance(entry.get("image"), str):
             problems.add(["processors", index, "image"], problem)
@@ -313,8 +318,32 @@ def _parse(text: str, source: str) -> Manifest:
             max_concurrency=entry.get("max_concurrency"),
             description=entry.get("description", ""),
             input_schema=entry.get("input_schema") or {"type": "object"},
+            accepts=_accepts(entry.get("accepts")),
+            reusable=entry.get("reusable", True),
         ))
     return Manifest(processors=tuple(processors), revision=revision_of(text), source=source)
+
+
+def _accepts(block: Any) -> Accepts:
+    """The `accepts` block as a record (validated by the schema and `_accepts_problem`)."""
+    if not isinstance(block, dict):
+        return Accepts()
+    return Accepts(media_types=tuple(block.get("media_types") or ("*/*",)),
+                   max_bytes=parse_size(block["max_bytes"]) if "max_bytes" in block else None,
+                   max_files=block.get("max_files"))
+
+
+def _accepts_problem(value: Any) -> str | None:
+    """Why an `accepts.max_bytes` means nothing (zero: no file could ever pass), or None."""
+    try:
+        size = parse_size(value)
+    except (ValueError, TypeError, OverflowError):
+        return None  # the schema's to report
+    if size < 1:
+        return f"{value} is no bytes: a file cap of zero would refuse every file"
+    if size > MAX_SIZE_BYTES:
+        return f"{value} is above the maximum of {MAX_SIZE_BYTES} bytes"
+    return None
 
 
 def revision_of(text: str) -> str:

@@ -74,6 +74,12 @@ def published(docker_client: docker.DockerClient) -> dict[str, dict[str, Any]]:
         for key, value in OVERRIDES.get(entry["name"], {}).items():
             entry[key] = {**entry.get(key, {}), **value}
         entries[entry["name"]] = entry
+    # The file tests' processor under the rules they check: a narrow `accepts`, and
+    # one that must never be reused.
+    work = entries["filework"]
+    entries["textonly"] = {**work, "name": "textonly", "accepts": {
+        "media_types": ["text/*"], "max_bytes": "64Ki", "max_files": 2}}
+    entries["filework-fresh"] = {**work, "name": "filework-fresh", "reusable": False}
     return entries
 
 
@@ -89,11 +95,12 @@ def manifest_path(tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str, manifest_path: Path) -> Settings:
+def settings(database_url: str, manifest_path: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return load_settings(database_url=database_url, redis_url=REDIS_URL,
                          manifest=manifest_path, queue=f"test-{SESSION}", registry=REGISTRY,
                          stop_grace_seconds=1, worker_id=f"test-worker-{SESSION}",
-                         log_format="json")
+                         log_format="json", file_dir=tmp_path_factory.mktemp("files"))
 
 
 @pytest.fixture(scope="session")
@@ -288,8 +295,11 @@ def rel_manifest(tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture(scope="session")
-def rel_settings(database_url: str, rel_manifest: Path, rel_redis: RedisServer) -> Settings:
+def rel_settings(database_url: str, rel_manifest: Path, rel_redis: RedisServer,
+                 settings: Settings) -> Settings:
+    # The same database as the main stack's, so the same file store.
     return load_settings(database_url=database_url, redis_url=rel_redis.url,
+                         file_dir=settings.file_dir,
                          manifest=rel_manifest, queue=f"rel-{SESSION}", registry=REGISTRY,
                          stop_grace_seconds=1, worker_id=f"rel-{SESSION}", log_format="json",
                          lease_seconds=3, heartbeat_seconds=0.5, drain_timeout_seconds=3,

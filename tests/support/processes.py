@@ -163,7 +163,7 @@ def start_api_process(env: Mapping[str, str], log_path: Path, *, name: str = "ap
 SETTINGS_PASSED = ("database_url", "redis_url", "manifest", "queue", "registry",
                    "stop_grace_seconds", "worker_id", "lease_seconds", "heartbeat_seconds",
                    "drain_timeout_seconds", "reconcile_interval_seconds",
-                   "reconcile_grace_seconds")
+                   "reconcile_grace_seconds", "file_dir", "file_store")
 
 
 def child_env(settings: Settings, **extra: str) -> dict[str, str]:
