@@ -5,7 +5,7 @@ VENV := var/venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: bootstrap services images demo down test lint typecheck unit integration bench clean ops-test bench-scale bench-hostile
+.PHONY: bootstrap services images demo down test lint typecheck unit integration bench clean ops-test bench-scale bench-hostile bench-files
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -51,6 +51,10 @@ bench-scale: services images
 # Hostile processors and clients against a real stack: held or not, with the figure.
 bench-hostile: services images
 	@$(BIN)/python bench/hostile.py
+
+# Files in, files out: upload, download, delivery and reuse, each against its baseline.
+bench-files: services images
+	@$(BIN)/python bench/files.py
 
 # docker-compose stack end to end, and every runbook's commands against a real stack.
 ops-test: services images
