@@ -6,13 +6,24 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+import docker
 import httpx
 import pytest
 
 from runner.client import RunnerClient
-from tests.integration.conftest import WorkerProcess
+from runner.control.blobdb import DatabaseBlobStore
+from runner.control.files import FileCatalog
+from runner.control.store import Store
+from runner.domain import RunStatus
+from runner.execution.files import WorkerFiles
+from runner.execution.wiring import sandbox_config
+from runner.manifest import ManifestSource
+from runner.sandbox import Sandbox
+from runner.settings import Settings
+from tests.integration.conftest import SESSION, WorkerProcess, in_process_executor
 
 
 def auth(key: str) -> dict[str, str]:
@@ -185,3 +196,35 @@ def test_a_replay_takes_the_same_files(api_url: str, keys: dict[str, str],
     assert replay["files"] == run["files"]
     done = client.wait(replay["id"], timeout=120)
     assert done["status"] == "succeeded" and done["result"] == run["result"]
+
+
+def test_the_database_store_carries_files_in_and_artifacts_out(
+        api_with: Callable[..., str], keys: dict[str, str], store: Store,
+        settings: Settings, docker_client: docker.DockerClient) -> None:
+    """RUNNER_FILE_STORE=database: what hosts sharing only PostgreSQL use. The API
+    stores the upload as chunks, an executor (in this process, on a queue no worker
+    serves) delivers it and stores the artifact the same way, the API serves it."""
+    url = api_with(file_store="database", queue=f"dbstore-{SESSION}")
+    data = os.urandom(900 * 1024 + 17)  # under filework's 1 MiB output_bytes
+    uploaded = httpx.post(f"{url}/v1/files", content=data, timeout=60,
+                          headers={**auth(keys["submitter"]),
+                                   "Content-Type": "application/octet-stream"})
+    assert uploaded.status_code == 201, uploaded.text
+    submitted = httpx.post(f"{url}/v1/runs", headers=auth(keys["submitter"]), timeout=30,
+                           json={"processor": "filework", "input": {"mode": "copy"},
+                                 "files": {"blob.bin": uploaded.json()["id"]}}).json()
+    # The worker's store writes the artifact in 256 KiB chunks: several and a partial.
+    catalog = FileCatalog(store, DatabaseBlobStore(store, chunk_bytes=256 * 1024))
+    executor = replace(in_process_executor(store, ManifestSource(settings.manifest),
+                                           Sandbox(docker_client, sandbox_config(settings))),
+                       files=WorkerFiles(catalog))
+    status = executor.execute(submitted["id"], 1)
+    assert status is RunStatus.SUCCEEDED, store.read_logs_since(submitted["id"], 0, 4096)
+    run = httpx.get(f"{url}/v1/runs/{submitted['id']}", headers=auth(keys["viewer"])).json()
+    assert run["result"] == {"blob.bin": hashlib.sha256(data).hexdigest()}
+    assert [a["name"] for a in run["artifacts"]] == ["copies/blob.bin"]
+    got = artifact(url, keys["viewer"], run["id"], "copies/blob.bin")
+    assert got.status_code == 200 and got.content == data
+    part = artifact(url, keys["viewer"], run["id"], "copies/blob.bin",
+                    Range=f"bytes=262140-{len(data) - 3}")  # across chunk ends
+    assert part.status_code == 206 and part.content == data[262140:-2]
