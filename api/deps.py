@@ -14,8 +14,9 @@ from runner.control.lifecycle import Lifecycle
 from runner.control.notify import EndWatcher, RunEndNotice
 from runner.control.queue import RunQueue
 from runner.control.ratelimit import RateLimiter
-from runner.control.store import Store
-from runner.errors import RateLimitedError, ServiceUnavailableError
+from runner.control.store import Store, is_run_id
+from runner.domain import Run
+from runner.errors import NotFoundError, RateLimitedError, ServiceUnavailableError
 from runner.manifest import ManifestSource
 from runner.observability.telemetry import build_tracer_provider, tracer_of
 from runner.settings import Settings
@@ -91,3 +92,17 @@ class Services:
 def services(request: Request) -> Services:
     svc: Services = request.app.state.services
     return svc
+
+
+def run_or_404(svc: Services, run_id: str, tenant: str) -> Run:
+    """The caller's tenant's run.
+
+    Raises:
+        NotFoundError: no such run for this tenant, or not even shaped like a run id.
+    """
+    if not is_run_id(run_id):  # not even shaped like an id: the database is not asked
+        raise NotFoundError("no such run: not a run id")
+    run = svc.store.get_run(run_id, tenant=tenant)
+    if run is None:
+        raise NotFoundError(f"no run {run_id}")
+    return run

@@ -17,14 +17,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal, submitter, viewer
-from api.deps import Services, services
+from api.deps import Services, run_or_404, services
 from api.downloads import byte_range, stored_response
 from api.schemas import ArtifactList, ArtifactOut, ErrorOut, FileOut
 from runner.control.blobs import BlobUpload
 from runner.control.mediatype import normalise
-from runner.control.store import is_run_id
-from runner.domain import Run
-from runner.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from runner.errors import InvalidRequestError, PayloadTooLargeError
 
 log = structlog.get_logger(__name__)
 
@@ -126,15 +124,6 @@ def get_file_content(file_id: FileIdPath, who: Annotated[Principal, Depends(view
                            filename=info.name or info.sha256, part=part, sha256=info.sha256)
 
 
-def _run(svc: Services, run_id: str, who: Principal) -> Run:
-    if not is_run_id(run_id):
-        raise NotFoundError("no such run: not a run id")
-    run = svc.store.get_run(run_id, tenant=who.tenant)
-    if run is None:
-        raise NotFoundError(f"no run {run_id}")
-    return run
-
-
 AttemptQuery = Annotated[int | None, Query(ge=0, le=10_000, description=(
     "Which attempt's artifacts; the run's last attempt by default"))]
 
@@ -144,7 +133,7 @@ def list_artifacts(run_id: str, who: Annotated[Principal, Depends(viewer)],
                    svc: Annotated[Services, Depends(services)],
                    attempt: AttemptQuery = None) -> ArtifactList:
     """What an attempt left under /run/out (the last attempt's by default)."""
-    run = _run(svc, run_id, who)
+    run = run_or_404(svc, run_id, who.tenant)
     number = run.attempt if attempt is None else attempt
     return ArtifactList(attempt=number, items=[
         ArtifactOut(**a.public()) for a in svc.files.artifacts(run.id, number)])
@@ -166,7 +155,7 @@ def get_artifact(run_id: str, name: Annotated[str, Path(max_length=1024)],
                                                       description=RANGE_DOC)] = None,
                  ) -> StreamingResponse:
     """One artifact's bytes, as an attachment with its sniffed media type."""
-    run = _run(svc, run_id, who)
+    run = run_or_404(svc, run_id, who.tenant)
     found = svc.files.artifact(run.id, run.attempt if attempt is None else attempt, name)
     part = byte_range(range_, found.size)
     start, end = part or (0, found.size)

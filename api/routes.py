@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from api.auth import Principal, submitter, viewer
-from api.deps import Services, services
+from api.deps import Services, run_or_404, services
 from api.schemas import (
     ArtifactOut,
     AttemptOut,
@@ -32,10 +32,10 @@ from api.schemas import (
     RunOut,
 )
 from runner.control.runs import Submission, replay, submit
-from runner.control.store import RUN_VALUES, is_run_id
+from runner.control.store import RUN_VALUES
 from runner.control.strictjson import strict_loads
 from runner.domain import Run, RunStatus
-from runner.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from runner.errors import InvalidRequestError, ServiceUnavailableError
 from runner.observability.telemetry import traceparent
 from runner.units import parse_duration
 
@@ -119,15 +119,6 @@ def _timestamp(value: str | None, field: str) -> datetime | None:
 MAX_WAIT_SECONDS = 60.0
 WAIT_CHECK_SECONDS = 0.25  # the fallback status read when no run-end notice came
 MAX_LONG_POLLS = 64  # per API process; each holds no thread between its checks
-
-
-def _run_or_404(svc: Services, run_id: str, who: Principal) -> Run:
-    if not is_run_id(run_id):  # not even shaped like an id: the database is not asked
-        raise NotFoundError("no such run: not a run id")
-    run = svc.store.get_run(run_id, tenant=who.tenant)
-    if run is None:
-        raise NotFoundError(f"no run {run_id}")
-    return run
 
 
 def _no_nul(value: str | None, field: str) -> None:
@@ -218,7 +209,7 @@ async def get_run(run_id: str, who: Annotated[Principal, Depends(viewer)],
                                   "has ended (a long poll); 0 answers at once")] = 0,
                   ) -> RunOut:
     """One run, with its attempts; a dead letter also carries its last log lines."""
-    run = await run_in_threadpool(_run_or_404, svc, run_id, who)
+    run = await run_in_threadpool(run_or_404, svc, run_id, who.tenant)
     if wait and not run.status.terminal and svc.long_polls < MAX_LONG_POLLS:
         # Woken by the worker's run-end notice (Redis pub/sub), with a status read
         # every WAIT_CHECK_SECONDS as the fallback for a lost notice. Like a follow
@@ -243,7 +234,7 @@ async def get_run(run_id: str, who: Annotated[Principal, Depends(viewer)],
         finally:
             svc.ends.unwatch(run.id, ended)
             svc.long_polls -= 1
-        run = await run_in_threadpool(_run_or_404, svc, run_id, who)
+        run = await run_in_threadpool(run_or_404, svc, run_id, who.tenant)
     return await run_in_threadpool(_run_view, svc, run)
 
 
@@ -300,7 +291,7 @@ async def get_logs(run_id: str, who: Annotated[Principal, Depends(viewer)],
 
     A key may follow RUNNER_FOLLOW_MAX_PER_KEY runs at once (429 past that), a process
     RUNNER_FOLLOW_MAX_PER_PROCESS (503), both with Retry-After."""
-    run = await run_in_threadpool(_run_or_404, svc, run_id, who)
+    run = await run_in_threadpool(run_or_404, svc, run_id, who.tenant)
     headers = {"X-Log-Truncated": str(run.log_truncated).lower()}
     if not follow:
         # Only the chunks past `offset` are read: a client polling with the offset it
