@@ -12,6 +12,8 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -32,14 +34,30 @@ log = structlog.get_logger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 UPLOAD_PATH = "/v1/files"
+OPENAPI_TAGS = [
+    {"name": "runs", "description": "Submit, read, follow, cancel and replay runs; their "
+                                    "logs and artifacts"},
+    {"name": "files", "description": "Upload files for runs and read them back"},
+    {"name": "processors", "description": "What the manifest in force allows"},
+    {"name": "health", "description": "Liveness, readiness and metrics"},
+]
+
+
+def operation_id(route: APIRoute) -> str:
+    """A route's OpenAPI operation id: its function's name."""
+    return route.name
 
 
 def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     """The API application; `services` may be given by tests, else built from settings."""
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the package, not
+    # a CDN, so they work on an air-gapped host. Operation ids are the route functions'
+    # names (create_run, get_run, upload_file, ...): what generated clients call them.
+    app = FastAPIOffline(
         title="Container runner API", version=__version__,
         description="Submit runs of allowlisted processors, each in its own locked-down "
                     "container, and follow them. Authenticate with `Authorization: Bearer`.",
+        generate_unique_id_function=operation_id, openapi_tags=OPENAPI_TAGS,
     )
     app.state.services = services or Services.build(settings)
     metrics = ApiMetrics(app.state.services)

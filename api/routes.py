@@ -128,7 +128,7 @@ def _no_nul(value: str | None, field: str) -> None:
         raise InvalidRequestError(f"{field}: a NUL character is not allowed", field=field)
 
 
-@router.post("/runs", status_code=202, response_model=RunOut,
+@router.post("/runs", tags=["runs"], status_code=202, response_model=RunOut,
              responses={503: {"model": ErrorOut, "description": "Database unavailable"}})
 def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
                svc: Annotated[Services, Depends(services)], request: Request,
@@ -155,7 +155,7 @@ def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
     return RunOut.of(run)
 
 
-@router.get("/runs", response_model=RunList)
+@router.get("/runs", tags=["runs"], response_model=RunList)
 def list_runs(who: Annotated[Principal, Depends(viewer)],
               svc: Annotated[Services, Depends(services)],
               status: RunStatus | None = None,
@@ -199,7 +199,7 @@ def list_runs(who: Annotated[Principal, Depends(viewer)],
                           for r in page.runs], next_cursor=page.next_cursor)
 
 
-@router.get("/runs/{run_id}", response_model=RunOut,
+@router.get("/runs/{run_id}", tags=["runs"], response_model=RunOut,
             responses={404: {"model": ErrorOut, "description": "No such run"}})
 async def get_run(run_id: str, who: Annotated[Principal, Depends(viewer)],
                   svc: Annotated[Services, Depends(services)], request: Request,
@@ -254,7 +254,7 @@ def _run_view(svc: Services, run: Run) -> RunOut:
                      artifacts=[x.public() for x in by_attempt.get(run.attempt, [])])
 
 
-@router.post("/runs/{run_id}/cancel", response_model=RunOut,
+@router.post("/runs/{run_id}/cancel", tags=["runs"], response_model=RunOut,
              responses={404: {"model": ErrorOut, "description": "No such run"},
                         409: {"model": ErrorOut, "description": "The run already ended"}})
 def cancel_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
@@ -265,7 +265,7 @@ def cancel_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
     return RunOut.of(svc.lifecycle.cancel(run_id, tenant=who.tenant))
 
 
-@router.post("/runs/{run_id}/replay", status_code=202, response_model=RunOut,
+@router.post("/runs/{run_id}/replay", tags=["runs"], status_code=202, response_model=RunOut,
              responses={404: {"model": ErrorOut, "description": "No such run"},
                         409: {"model": ErrorOut, "description": "The run has not ended"}})
 def replay_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
@@ -279,7 +279,7 @@ def replay_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
     return RunOut.of(run)
 
 
-@router.get("/runs/{run_id}/logs", response_class=Response,
+@router.get("/runs/{run_id}/logs", tags=["runs"], response_class=Response,
             responses={200: {"content": {"text/plain": {}},
                              "description": "Captured stdout and stderr"},
                        404: {"model": ErrorOut, "description": "No such run"}})
@@ -366,7 +366,7 @@ class _HeldStream(StreamingResponse):
             self._release()
 
 
-@router.get("/processors", response_model=ProcessorList)
+@router.get("/processors", tags=["processors"], response_model=ProcessorList)
 def list_processors(_who: Annotated[Principal, Depends(viewer)],
                     svc: Annotated[Services, Depends(services)]) -> ProcessorList:
     """The processors the manifest in force allows."""

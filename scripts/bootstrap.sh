@@ -27,6 +27,9 @@ command -v promtool >/dev/null || missing+=(prometheus)
 # Only a static busybox can live alone in a FROM-scratch image.
 if ! [ -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(busybox-static); fi
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# The dashboard's browser tests drive Debian's Chromium with Playwright (its own
+# browser download cannot work offline).
+command -v chromium >/dev/null || missing+=(chromium)
 # libmagic sniffs the media type of uploaded files and artifacts (python-magic).
 ls /usr/lib/*/libmagic.so.1 >/dev/null 2>&1 || missing+=(libmagic1)
 if [ ${#missing[@]} -gt 0 ]; then
