@@ -11,8 +11,9 @@ import re
 import socket
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runner.errors import ConfigError
@@ -101,6 +102,18 @@ class Settings(BaseSettings):
     file_orphan_grace_seconds: float = Field(default=3600.0, ge=0)
     file_sweep_interval_seconds: float = Field(default=300.0, gt=0)
 
+    # Webhooks (docs/api.md, "Webhooks"): comma-separated URL prefixes a run's
+    # webhook_url must start with; empty = no webhooks. The secret signs deliveries.
+    webhook_allowed_urls: str = ""
+    webhook_secret: SecretStr = SecretStr("")
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # How long a delivery is retried (with backoff and jitter) before it is failed.
+    webhook_retry_seconds: float = Field(default=86400.0, gt=0)
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+
+    # The dashboard (/ui/): how long a sign-in lasts.
+    ui_session_seconds: float = Field(default=8 * 3600.0, gt=0)
+
     # Each worker's /metrics, /healthz and /readyz; 0 = off. Under --concurrency N,
     # worker i of the supervisor listens on worker_port + i - 1.
     worker_host: str = "127.0.0.1"
@@ -125,7 +138,8 @@ class Settings(BaseSettings):
                      "reconcile_interval_seconds", "reconcile_grace_seconds",
                      "follow_max_seconds", "follow_key_check_seconds",
                      "api_database_pool_timeout_seconds", "file_orphan_grace_seconds",
-                     "file_sweep_interval_seconds",
+                     "file_sweep_interval_seconds", "webhook_timeout_seconds",
+                     "webhook_retry_seconds", "webhook_poll_seconds", "ui_session_seconds",
                      mode="before")
     @classmethod
     def _duration(cls, value: object) -> float:
@@ -151,6 +165,19 @@ class Settings(BaseSettings):
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             url = f"sqlite:///{Path(url.removeprefix('sqlite:///')).resolve()}"
         return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+    @property
+    def webhook_prefixes(self) -> list[str]:
+        return [p.strip() for p in self.webhook_allowed_urls.split(",") if p.strip()]
+
+    @field_validator("webhook_allowed_urls")
+    @classmethod
+    def _webhook_prefixes(cls, value: str) -> str:
+        for prefix in (p.strip() for p in value.split(",") if p.strip()):
+            parts = urlsplit(prefix)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{prefix!r} is not a URL prefix (https://host[:port]/path)")
+        return value
 
     @property
     def cors_origin_list(self) -> list[str]:
