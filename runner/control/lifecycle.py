@@ -50,7 +50,8 @@ def _canceled_instead(outcome: Finish) -> Finish:
     return Finish(RunStatus.CANCELED, exit_code=outcome.exit_code,
                   error_code=ErrorCode.CANCELED, error_stage=outcome.error_stage,
                   error_message=f"canceled ({outcome.error_message})",
-                  log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated)
+                  log_bytes=outcome.log_bytes, log_truncated=outcome.log_truncated,
+                  artifacts=outcome.artifacts)
 
 
 def sources(target: RunStatus) -> list[str]:
