@@ -68,7 +68,7 @@ def main() -> None:
     url = f"postgresql://runner:runner@127.0.0.1:5439/{database}"
     upgrade(url.replace("postgresql://", "postgresql+psycopg://"))
     env = {**os.environ, "RUNNER_DATABASE_URL": url, "RUNNER_MANIFEST": str(manifest),
-           "RUNNER_QUEUE": f"soak-{tag}", "RUNNER_LEASE_SECONDS": "3",
+           "RUNNER_QUEUE": f"soak-{tag}", "RUNNER_LEASE_SECONDS": "5",
            "RUNNER_HEARTBEAT_SECONDS": "0.5", "RUNNER_RECONCILE_INTERVAL_SECONDS": "1",
            "RUNNER_RECONCILE_GRACE_SECONDS": "2", "RUNNER_STOP_GRACE_SECONDS": "1",
            "RUNNER_LOG_FORMAT": "json"}

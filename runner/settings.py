@@ -216,6 +216,16 @@ class Settings(BaseSettings):
         if self.heartbeat_seconds >= self.lease_seconds:
             raise ValueError("heartbeat_seconds must be below lease_seconds "
                              f"({self.heartbeat_seconds:g} >= {self.lease_seconds:g})")
+        # Self-fencing (docs/reliability.md): a worker that has not renewed its lease for
+        # lease - stop_grace - 2 s stops its container, which must leave it at least one
+        # heartbeat to renew in, so the SIGKILL always lands before the lease ends.
+        fence = self.lease_seconds - self.stop_grace_seconds - 2.0
+        if fence <= self.heartbeat_seconds:
+            raise ValueError(
+                f"RUNNER_LEASE_SECONDS ({self.lease_seconds:g}) must exceed "
+                f"RUNNER_STOP_GRACE_SECONDS ({self.stop_grace_seconds:g}) + 2 s + "
+                f"RUNNER_HEARTBEAT_SECONDS ({self.heartbeat_seconds:g}): a worker cut off "
+                "from the database must stop its container before its lease can expire")
         return self
 
 
@@ -229,6 +239,9 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
+        if not first["loc"] and "RUNNER_" in first["msg"]:  # a rule across settings
+            raise ConfigError(f"invalid settings: {first['msg'].removeprefix('Value error, ')}",
+                              variable="") from exc
         field = str(first["loc"][0]) if first["loc"] else "heartbeat_seconds"
         raise ConfigError(
             f"invalid setting RUNNER_{field.upper()}: {first['msg']}", variable=field

@@ -29,7 +29,7 @@ from runner.control.retry import decide
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
 from runner.errors import SandboxError, ServiceUnavailableError
 from runner.execution.classify import classify, kept_artifacts
-from runner.execution.guard import AttemptGuard, LogWriter
+from runner.execution.guard import FENCE_MARGIN_SECONDS, AttemptGuard, LogWriter, fence_after
 from runner.execution.ports import FaultHook, FilesPort, RunLedger, SandboxPort, no_fault
 from runner.manifest import ManifestSource, Processor, RetryPolicy
 from runner.observability.metrics import WorkerMetrics
@@ -55,6 +55,13 @@ class Executor:
     metrics: WorkerMetrics | None = None
     files: FilesPort | None = None  # None: a run with files fails to launch
     _record_pool: ThreadPoolExecutor | None = None
+
+    def __post_init__(self) -> None:
+        if fence_after(self.lease_seconds, self.stop_grace_seconds) <= self.heartbeat_seconds:
+            raise ValueError(
+                f"a lease of {self.lease_seconds:g}s leaves no time to self-fence: it must "
+                f"exceed the stop grace ({self.stop_grace_seconds:g}s) + "
+                f"{FENCE_MARGIN_SECONDS:g}s + a heartbeat ({self.heartbeat_seconds:g}s)")
 
     def execute(self, run_id: str, attempt: int, *,
                 dequeued_at: float | None = None) -> RunStatus | None:
@@ -125,7 +132,9 @@ class Executor:
         bound = log.bind(run_id=run.id, attempt=run.attempt, worker_id=self.worker_id)
         stages = AttemptStages(self.tracer, self.metrics, dequeued_at)
         guard = AttemptGuard(self.ledger, self.sandbox, run, self.lease_seconds,
-                             self.heartbeat_seconds)
+                             self.heartbeat_seconds,
+                             fence_seconds=fence_after(self.lease_seconds,
+                                                       self.stop_grace_seconds))
         guard.start()
         # The allowlist lookup above, made after the job was dequeued, is the launch-time
         # check: `_attempt` refuses the run if that pin no longer matches its image.
@@ -158,7 +167,10 @@ class Executor:
             raise
         guard.stop()
         if guard.lost:
-            bound.warning("attempt_abandoned", reason="lease lost")
+            # Fenced off (no renewal got through in time) or taken back: either way the
+            # run is no longer this attempt's to record; the reconciler ends it.
+            bound.warning("attempt_abandoned",
+                          reason="self-fenced" if guard.fenced else "lease lost")
             return None
         return self._record(run, policy, stages, finish)
 

@@ -65,26 +65,66 @@ class LogWriter:
             self.offset += len(data)
 
 
+# What self-fencing leaves between the container's SIGKILL and the lease's end: the
+# engine's kill and the timer's own step (RUNNER_LEASE_SECONDS must cover
+# fence_after + RUNNER_STOP_GRACE_SECONDS + this; runner/settings.py checks it).
+FENCE_MARGIN_SECONDS = 2.0
+
+
+def fence_after(lease_seconds: float, stop_grace_seconds: float) -> float:
+    """How long an attempt may go without renewing its lease before its worker stops
+    the container itself: early enough that SIGTERM, the grace period and the SIGKILL
+    are all over before the lease can expire and another host may retry the run."""
+    return lease_seconds - stop_grace_seconds - FENCE_MARGIN_SECONDS
+
+
 @dataclass
 class AttemptGuard:
     """A thread that renews the attempt's lease and stops its container on a cancel
-    or when the lease turns out lost (the reconciler gave the run to someone else)."""
+    or when the lease turns out lost (the reconciler gave the run to someone else);
+    and a second one that fences the attempt off itself when renewals stop getting
+    through (a cut network, a database that does not answer): once `fence_seconds`
+    pass since the last renewal, the container is stopped, so it is gone before the
+    lease expires and a retry elsewhere can never overlap it. The renewals may hang
+    (a connection into a cut network); the fence timer never waits on them."""
 
     ledger: RunLedger
     sandbox: SandboxPort
     run: Run
     lease_seconds: float
     interval: float
+    fence_seconds: float | None = None
     canceled: bool = False
     lost: bool = False
+    fenced: bool = False
     container_id: str | None = None
     writer: LogWriter | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _renewed_at: float = field(default_factory=time.monotonic)
 
     def start(self) -> None:
+        self._renewed_at = time.monotonic()  # the claim set the lease just now
         threading.Thread(target=self._loop, name=f"guard-{self.run.id[:8]}",
                          daemon=True).start()
+        if self.fence_seconds is not None:
+            threading.Thread(target=self._fence_loop, name=f"fence-{self.run.id[:8]}",
+                             daemon=True).start()
+
+    def _fence_loop(self) -> None:
+        assert self.fence_seconds is not None
+        step = min(0.25, self.fence_seconds / 4)
+        while not self._stop.wait(step):
+            with self._lock:
+                overdue = time.monotonic() - self._renewed_at
+                if overdue < self.fence_seconds or self.lost:
+                    continue
+                self.lost = self.fenced = True
+            log.warning("attempt_fenced", run_id=self.run.id, attempt=self.run.attempt,
+                        seconds_without_renewal=round(overdue, 2),
+                        lease_seconds=self.lease_seconds)
+            self._halt()
+            return
 
     def stop(self) -> None:
         self._stop.set()
@@ -118,6 +158,8 @@ class AttemptGuard:
                 log.warning("lease_renewal_failed", run_id=self.run.id, error=exc.message)
                 continue
             with self._lock:
+                if beat.owned and not self.fenced:
+                    self._renewed_at = time.monotonic()
                 newly_lost = not beat.owned and not self.lost
                 newly_canceled = beat.cancel_requested and not self.canceled
                 self.lost = self.lost or not beat.owned

@@ -302,7 +302,7 @@ def rel_settings(database_url: str, rel_manifest: Path, rel_redis: RedisServer,
                          file_dir=settings.file_dir,
                          manifest=rel_manifest, queue=f"rel-{SESSION}", registry=REGISTRY,
                          stop_grace_seconds=1, worker_id=f"rel-{SESSION}", log_format="json",
-                         lease_seconds=3, heartbeat_seconds=0.5, drain_timeout_seconds=3,
+                         lease_seconds=5, heartbeat_seconds=0.5, drain_timeout_seconds=3,
                          reconcile_interval_seconds=1, reconcile_grace_seconds=1)
 
 

@@ -250,7 +250,7 @@ def stack(tmp_path: Path, images: dict[str, str], docker_client: docker.DockerCl
                 "RUNNER_DATABASE_URL": database_url, "RUNNER_REDIS_URL": made.redis.url,
                 "RUNNER_MANIFEST": str(made.manifest), "RUNNER_QUEUE": name,
                 "RUNNER_REGISTRY": REGISTRY, "RUNNER_INSTANCE_NAME": name,
-                "RUNNER_LOG_FORMAT": "json", "RUNNER_LEASE_SECONDS": "3",
+                "RUNNER_LOG_FORMAT": "json", "RUNNER_LEASE_SECONDS": "5",
                 "RUNNER_HEARTBEAT_SECONDS": "0.5", "RUNNER_STOP_GRACE_SECONDS": "1",
                 "RUNNER_DRAIN_TIMEOUT_SECONDS": "3", "RUNNER_RECONCILE_INTERVAL_SECONDS": "1",
                 "RUNNER_RECONCILE_GRACE_SECONDS": "1",

@@ -8,10 +8,14 @@ A `Host` is
   Redis only through the veth, at the host side's address, where a `Forwarder` in
   the test process relays to the servers on loopback. Loopback itself is the
   namespace's own: 127.0.0.1 reaches nothing of this machine.
-- a `dockerd` of its own (data root, exec root, pid file, unix socket; no bridge, no
-  iptables, an empty config file) in this machine's namespaces, so it pulls from the
-  local registry by digest like any other engine; the host's workers talk to it over
-  its socket, which no cut of the veth can sever (a host's engine is local to it).
+- a `dockerd` of its own (data root, exec root, pid file, unix socket, no iptables,
+  an empty config file) in this machine's namespaces, so it pulls from the local
+  registry by digest like any other engine; the host's workers talk to it over its
+  socket, which no cut of the veth can sever (a host's engine is local to it). Its
+  default network is a bridge of its own (`rhb...`, made here), not `--bridge=none`:
+  a daemon started with `--bridge=none` deletes the machine's `docker0` at start,
+  which breaks the main engine's bridge network (processors never use one: they
+  run with no network at all).
 
 `cut()` takes the veth's host side down: packets stop (connections hang, nothing is
 refused), like a cable pulled; `heal()` brings it back. `kill()` SIGKILLs the host's
@@ -98,9 +102,11 @@ class Forwarder:
 
 @dataclass
 class Engine:
-    """A dockerd of its own under `root`."""
+    """A dockerd of its own under `root`, its default network on `bridge`."""
 
     root: Path
+    bridge: str
+    bridge_address: str
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -113,13 +119,17 @@ class Engine:
 
     def start(self, timeout: float = 60) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", self.bridge_address, "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
         config = self.root / "daemon.json"
         config.write_text("{}")
         log = (self.root / "dockerd.log").open("ab")
         self.process = subprocess.Popen(
             ["dockerd", "--config-file", str(config), "--data-root", str(self.root / "data"),
              "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "docker.pid"),
-             "-H", self.url, "--bridge=none", "--iptables=false", "--ip-masq=false",
+             "-H", self.url, f"--bridge={self.bridge}", "--iptables=false",
+             "--ip-masq=false",
              "--storage-driver=fuse-overlayfs"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -163,6 +173,7 @@ class Engine:
                        capture_output=True, check=False)
         for mount in reversed(mounts_under(self.root)):
             subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
 
 
 def mounts_under(root: Path) -> list[str]:
@@ -279,7 +290,9 @@ class Hosts:
         self.session = session[:6]
         self.root = root or Path(tempfile.mkdtemp(prefix="runner-hosts-"))
         self.forwarder = Forwarder()
-        self.hosts = [Host(f"host{i}", i, self.session, Engine(self.root / f"host{i}"))
+        self.hosts = [Host(f"host{i}", i, self.session,
+                           Engine(self.root / f"host{i}", f"{PREFIX}b{self.session}{i}",
+                                  f"10.251.{i}.1/24"))
                       for i in range(1, count + 1)]
         try:
             for host in self.hosts:
@@ -317,8 +330,9 @@ class Hosts:
         for host in self.hosts:
             if host.netns in names:
                 found.append(f"netns {host.netns}")
-            if host.outside in links:
-                found.append(f"link {host.outside}")
+            for link in (host.outside, host.engine.bridge):
+                if link in links:
+                    found.append(f"link {link}")
             if host.engine.process is not None and host.engine.process.poll() is None:
                 found.append(f"dockerd {host.engine.root}")
         found += [f"mount {m}" for m in mounts_under(self.root)]

@@ -61,7 +61,9 @@ def make_executor(ledger: Ledger, manifests: ManifestSource) -> Iterator[Executo
         options.setdefault("manifests", manifests)
         options.setdefault("lease_seconds", 30.0)
         options.setdefault("heartbeat_seconds", 0.05)
-        executor = Executor(ledger=ledger, sandbox=sandbox, worker_id="w", **options)
+        options.setdefault("stop_grace_seconds", 1.0)
+        options.setdefault("ledger", ledger)
+        executor = Executor(sandbox=sandbox, worker_id="w", **options)
         made.append(executor)
         return executor
 
@@ -315,6 +317,54 @@ def test_a_run_ended_by_another_actor_keeps_that_end(make_executor: ExecutorMake
     done = current(store, run.id)
     assert done.status is RunStatus.DEAD_LETTER and done.error_message == "taken back"
     assert events == [RunEnded(run.id, RunStatus.DEAD_LETTER, 1, ErrorCode.WORKER_LOST)]
+
+
+class HangingLedger(Ledger):
+    """A ledger whose lease renewals stop getting through once `cut` is set: each one
+    then hangs (a connection into a cut network) until `heal` is set."""
+
+    def __init__(self, store: Store, lifecycle: Lifecycle) -> None:
+        super().__init__(store, lifecycle)
+        self.cut, self.heal = threading.Event(), threading.Event()
+
+    def heartbeat(self, run_id: str, attempt: int, *, lease_seconds: float) -> Any:
+        if self.cut.is_set():
+            self.heal.wait(WAIT)
+        return super().heartbeat(run_id, attempt, lease_seconds=lease_seconds)
+
+
+def test_a_worker_cut_off_fences_its_container_before_the_lease_ends(
+        make_executor: ExecutorMaker, store: Store, lifecycle: Lifecycle,
+        new_run: NewRunMaker, events: list[RunEnded]) -> None:
+    ledger = HangingLedger(store, lifecycle)
+    fake = FakeSandbox(Script(block=True))
+    run = new_run()
+    # Lease 4 s, stop grace 1 s: the container must be stopped within 4 - 1 - 2 = 1 s
+    # of the last renewal, so the engine's SIGKILL lands before the lease can expire.
+    job = InBackground(make_executor(fake, ledger=ledger, lease_seconds=4.0), run.id, 1)
+    started(fake)
+    lease = current(store, run.id).lease_expires_at
+    assert lease is not None
+    ledger.cut.set()
+    cut_at = utcnow()
+    wait_until(lambda: fake.stopped == ["fake-1"], timeout=WAIT, interval=0.01,
+               message="the cut-off worker never stopped its container")
+    stopped_at = utcnow()
+    assert stopped_at - cut_at < timedelta(seconds=2.5)
+    # The stop grace (1 s) is over before the last renewed lease ends.
+    assert stopped_at + timedelta(seconds=1) < (current(store, run.id).lease_expires_at
+                                                or stopped_at)
+    ledger.heal.set()
+    assert job.join() is None  # self-fenced: nothing recorded, the reconciler ends it
+    assert current(store, run.id).status is RunStatus.RUNNING
+    assert events == []
+
+
+def test_an_executor_refuses_a_lease_too_short_to_fence(ledger: Ledger,
+                                                       manifests: ManifestSource) -> None:
+    with pytest.raises(ValueError, match="self-fence"):
+        Executor(ledger=ledger, manifests=manifests, sandbox=FakeSandbox(), worker_id="w",
+                 lease_seconds=6.0, stop_grace_seconds=5.0, heartbeat_seconds=1.0)
 
 
 # Crashes and platform failures --------------------------------------------------------

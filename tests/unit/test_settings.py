@@ -71,3 +71,16 @@ def test_instance_is_derived_from_the_database_without_its_password(
     assert load_settings().instance != first
     monkeypatch.setenv("RUNNER_INSTANCE_NAME", "blue")
     assert load_settings().instance == "blue"
+
+
+def test_a_lease_too_short_to_self_fence_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNNER_LEASE_SECONDS", "8")
+    monkeypatch.setenv("RUNNER_STOP_GRACE_SECONDS", "5")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = caught.value.message
+    assert message.startswith("invalid settings: ")
+    for name in ("RUNNER_LEASE_SECONDS", "RUNNER_STOP_GRACE_SECONDS", "RUNNER_HEARTBEAT_SECONDS"):
+        assert name in message
+    monkeypatch.setenv("RUNNER_LEASE_SECONDS", "9")
+    assert load_settings().lease_seconds == 9
