@@ -14,7 +14,7 @@ manifest-install); `common` holds the sub-app and what they share.
 
 # Imported for their commands, which register on `ops_app` in this order (the order
 # `runner ops --help` lists them in).
-from runner.cli.ops import health, runs, storage  # noqa: F401
+from runner.cli.ops import health, report, runs, storage  # noqa: F401
 from runner.cli.ops.common import ops_app
 
 __all__ = ["ops_app"]
