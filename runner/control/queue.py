@@ -9,6 +9,8 @@ enqueued again by the reconciler, and a job that arrives twice loses its claim.
 from __future__ import annotations
 
 import contextlib
+import itertools
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 from redis import Redis
@@ -33,6 +35,48 @@ STARTED_HOLD_SECONDS = 5.0
 
 def job_id(run_id: str, attempt: int) -> str:
     return f"run-{run_id}-{attempt}"
+
+
+# Routing by capability: a processor that `require`s host tags is queued on its base
+# queue suffixed with the sorted tag set ("runner@gpu+large-memory"); a worker serves
+# the queue of every subset of its host's RUNNER_HOST_TAGS, so a run reaches only
+# hosts that have all of its tags, and an untagged run any host. Six tags at most
+# (64 queues per base), as the manifest schema allows.
+TAG_SEPARATOR, TAG_JOINER = "@", "+"
+MAX_HOST_TAGS = 6
+
+
+def tagged_queue(base: str, tags: Sequence[str]) -> str:
+    """The queue of runs on `base` that need every one of `tags`."""
+    wanted = sorted(set(tags))
+    return f"{base}{TAG_SEPARATOR}{TAG_JOINER.join(wanted)}" if wanted else base
+
+
+def queue_tags(name: str) -> tuple[str, frozenset[str]]:
+    """A queue's base and the tag set it needs (empty for an untagged queue)."""
+    base, _, tags = name.partition(TAG_SEPARATOR)
+    return base, frozenset(t for t in tags.split(TAG_JOINER) if t)
+
+
+def host_queues(bases: Sequence[str], host_tags: Sequence[str]) -> list[str]:
+    """Every queue a host with `host_tags` serves on `bases`: each base with each
+    subset of its tags, the most demanding first (so tagged work, which only such
+    hosts can take, is not left behind untagged work anyone can do).
+
+    Raises:
+        ValueError: more than MAX_HOST_TAGS tags.
+    """
+    tags = sorted(set(host_tags))
+    if len(tags) > MAX_HOST_TAGS:
+        raise ValueError(f"a host has at most {MAX_HOST_TAGS} tags, not {len(tags)}")
+    subsets = [combo for size in range(len(tags), -1, -1)
+               for combo in itertools.combinations(tags, size)]
+    return [tagged_queue(base, combo) for base in bases for combo in subsets]
+
+
+def can_serve(host_tags: Iterable[str], queue: str) -> bool:
+    """Whether a host with `host_tags` serves `queue`."""
+    return queue_tags(queue)[1] <= frozenset(host_tags)
 
 
 class RunQueue:

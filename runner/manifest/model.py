@@ -91,6 +91,8 @@ class Processor:
     # false: a processor that is not deterministic; a submission's "reuse" never
     # answers with an earlier run of it.
     reusable: bool = True
+    # Host tags a worker host must all have to run it (RUNNER_HOST_TAGS), sorted.
+    require: tuple[str, ...] = ()
 
     def public(self) -> dict[str, Any]:
         """The processor as API clients see it."""
@@ -112,6 +114,7 @@ class Processor:
             "input_schema": dict(self.input_schema),
             "accepts": self.accepts.public(),
             "reusable": self.reusable,
+            "require": list(self.require),
         }
 
 

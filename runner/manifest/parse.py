@@ -320,6 +320,7 @@ def _parse(text: str, source: str) -> Manifest:
             input_schema=entry.get("input_schema") or {"type": "object"},
             accepts=_accepts(entry.get("accepts")),
             reusable=entry.get("reusable", True),
+            require=tuple(sorted(entry.get("require") or ())),
         ))
     return Manifest(processors=tuple(processors), revision=revision_of(text), source=source)
 
