@@ -34,7 +34,7 @@ from runner.execution.ports import FaultHook, FilesPort, RunLedger, SandboxPort,
 from runner.manifest import ManifestSource, Processor, RetryPolicy
 from runner.observability.metrics import WorkerMetrics
 from runner.observability.telemetry import AttemptStages, context_from, trace_id
-from runner.sandbox import WORKER_LABEL, InputFile, spec_for
+from runner.sandbox import HOST_LABEL, WORKER_LABEL, InputFile, spec_for
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +54,7 @@ class Executor:
     tracer: trace.Tracer = field(default_factory=trace.NoOpTracer)
     metrics: WorkerMetrics | None = None
     files: FilesPort | None = None  # None: a run with files fails to launch
+    host_id: str = ""  # RUNNER_HOST_ID: on the container's labels and the attempt
     _record_pool: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
@@ -190,7 +191,8 @@ class Executor:
         spec = spec_for(run_id=run.id, attempt=run.attempt, image=run.image,
                         limits=processor.limits, timeout_seconds=run.timeout_seconds,
                         input_json=json.dumps(run.input).encode(),
-                        labels={WORKER_LABEL: self.worker_id}, files=inputs)
+                        labels={WORKER_LABEL: self.worker_id, HOST_LABEL: self.host_id},
+                        files=inputs)
         # A first attempt has no output before it; later ones append after earlier ones.
         offset = self.ledger.log_offset(run.id) if run.attempt > 1 else 0
         writer = LogWriter(self.ledger, run.id, run.attempt, offset)

@@ -24,6 +24,8 @@ INSTANCE_LABEL = "io.container-runner.instance"
 RUN_LABEL = "io.container-runner.run-id"
 ATTEMPT_LABEL = "io.container-runner.attempt"
 WORKER_LABEL = "io.container-runner.worker-id"
+# The worker host (RUNNER_HOST_ID) whose engine runs the container.
+HOST_LABEL = "io.container-runner.host-id"
 
 # Inside the container: a private tmpfs, not the host's /tmp.
 CONTAINER_TMP = "/tmp"  # noqa: S108

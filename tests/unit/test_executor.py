@@ -29,6 +29,7 @@ from runner.execution.ports import FAULT_POINTS
 from runner.manifest import ManifestSource
 from runner.sandbox import (
     ATTEMPT_LABEL,
+    HOST_LABEL,
     RUN_LABEL,
     WORKER_LABEL,
     CollectedResult,
@@ -137,7 +138,8 @@ def test_the_container_spec_is_built_from_the_run_and_manifest(
     make_executor(fake).execute(run.id, 1)
     [spec] = fake.specs
     assert spec.image == IMAGE and spec.name == container_name(run.id, 1)
-    assert spec.labels == {RUN_LABEL: run.id, ATTEMPT_LABEL: "1", WORKER_LABEL: "w"}
+    assert spec.labels == {RUN_LABEL: run.id, ATTEMPT_LABEL: "1", WORKER_LABEL: "w",
+                           HOST_LABEL: ""}
     assert json.loads(spec.input_json) == {"x": 1}
     assert spec.timeout_seconds == 30  # the manifest's limit is below the run's
     assert spec.memory_bytes == 64 * 1024**2 and spec.cpus == 0.5
