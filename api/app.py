@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI, Request
@@ -43,6 +44,19 @@ OPENAPI_TAGS = [
 ]
 
 
+@asynccontextmanager
+async def webhook_sender(app: FastAPI) -> AsyncIterator[None]:
+    """The process's webhook sender runs while the app serves (docs/api.md, "Webhooks")."""
+    sender = app.state.services.webhooks
+    if sender is not None:
+        sender.start(observe=app.state.metrics.webhook_outcome)
+    try:
+        yield
+    finally:
+        if sender is not None:
+            sender.stop()
+
+
 def operation_id(route: APIRoute) -> str:
     """A route's OpenAPI operation id: its function's name."""
     return route.name
@@ -58,6 +72,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         description="Submit runs of allowlisted processors, each in its own locked-down "
                     "container, and follow them. Authenticate with `Authorization: Bearer`.",
         generate_unique_id_function=operation_id, openapi_tags=OPENAPI_TAGS,
+        lifespan=webhook_sender,
     )
     app.state.services = services or Services.build(settings)
     metrics = ApiMetrics(app.state.services)

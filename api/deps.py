@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from opentelemetry import trace
 
+from runner.control.delivery import WebhookSender
 from runner.control.files import FileCatalog, RunFiles, catalog_for, run_files
 from runner.control.keys import Keys
 from runner.control.lifecycle import Lifecycle
@@ -15,6 +16,7 @@ from runner.control.notify import EndWatcher, RunEndNotice
 from runner.control.queue import RunQueue
 from runner.control.ratelimit import RateLimiter
 from runner.control.store import Store, is_run_id
+from runner.control.webhooks import WebhookRules
 from runner.domain import Run
 from runner.errors import NotFoundError, RateLimitedError, ServiceUnavailableError
 from runner.manifest import ManifestSource
@@ -34,6 +36,10 @@ class Services:
     files: FileCatalog
     run_files: RunFiles
     tracer: trace.Tracer = field(default_factory=trace.NoOpTracer)
+    # What a submission's webhook_url is checked against, and this process's sender
+    # (started and stopped with the app, `api.app`); None without webhook settings.
+    webhook_rules: WebhookRules = field(default_factory=WebhookRules)
+    webhooks: WebhookSender | None = None
     long_polls: int = 0  # GET ?wait= requests being held now (event loop only)
     # Log follows streaming now, per key (event loop only): `hold_follow`.
     follows: Counter[str] = field(default_factory=Counter)
@@ -82,11 +88,15 @@ class Services:
         # Every final status written through the API (a cancel of a queued run) wakes
         # the long polls of every API process, as a worker's writes do.
         lifecycle = Lifecycle(store, listeners=[RunEndNotice(queue.redis, settings.instance)])
+        webhooks = WebhookSender.from_settings(store, settings)
+        if webhooks is not None:  # a cancel here is sent at once, not at the next poll
+            lifecycle.listeners.append(webhooks.wake)
         files = catalog_for(settings, store)
         return cls(settings=settings, store=store,
                    manifests=ManifestSource(settings.manifest), queue=queue,
                    limiter=RateLimiter(queue.redis), keys=Keys(store), lifecycle=lifecycle,
-                   files=files, run_files=run_files(files, settings), tracer=tracer)
+                   files=files, run_files=run_files(files, settings), tracer=tracer,
+                   webhook_rules=WebhookRules.from_settings(settings), webhooks=webhooks)
 
 
 def services(request: Request) -> Services:

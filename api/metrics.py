@@ -14,7 +14,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from runner.control.store import Store
-from runner.observability.metrics import ManifestCollector, QueueDepthCollector
+from runner.observability.metrics import (
+    ManifestCollector,
+    QueueDepthCollector,
+    webhook_counter,
+)
 
 if TYPE_CHECKING:
     from api.deps import Services
@@ -72,6 +76,7 @@ class ApiMetrics:
                                       registry=self.registry)
         self.uploads = Counter("runner_file_uploads", "File uploads by outcome",
                                ["outcome"], registry=self.registry)
+        self.webhooks = webhook_counter(self.registry)
         manifests = services.manifests
 
         def queues() -> list[str]:
@@ -82,3 +87,7 @@ class ApiMetrics:
         self.registry.register(RunsCollector(services.store))
         self.registry.register(ManifestCollector(manifests))
         self.registry.register(QueueDepthCollector(services.queue.redis, queues))
+
+    def webhook_outcome(self, outcome: str) -> None:
+        """One attempt of this process's webhook sender (`WebhookSender.start`)."""
+        self.webhooks.labels(outcome).inc()

@@ -30,7 +30,9 @@ from api.schemas import (
     RunList,
     RunListItem,
     RunOut,
+    WebhookOut,
 )
+from runner.control.outbox import webhook_status
 from runner.control.runs import Submission, replay, submit
 from runner.control.store import RUN_VALUES
 from runner.control.strictjson import strict_loads
@@ -101,7 +103,7 @@ def _submit_options(svc: Services) -> dict[str, Any]:
             "stop_grace_seconds": svc.settings.stop_grace_seconds,
             "input_max_bytes": svc.settings.input_max_bytes,
             "max_active": svc.settings.tenant_max_active_runs,
-            "file_rules": svc.run_files}
+            "file_rules": svc.run_files, "webhook_rules": svc.webhook_rules}
 
 
 def _timestamp(value: str | None, field: str) -> datetime | None:
@@ -146,13 +148,14 @@ def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
                    input=body.input, timeout_seconds=body.timeout_seconds, labels=body.labels,
                    idempotency_key=idempotency_key,
                    traceparent=traceparent(trace.get_current_span()),
-                   files=body.files, reuse=reuse, reuse_max_age=max_age),
+                   files=body.files, reuse=reuse, reuse_max_age=max_age,
+                   webhook_url=body.webhook_url),
         manifest=svc.manifests.current(), store=svc.store, queue=svc.queue,
         **_submit_options(svc))
     if run.reused_from is not None:
         request.app.state.metrics.reused.labels(run.processor).inc()
     request.app.state.metrics.submitted.labels(run.processor).inc()
-    return RunOut.of(run)
+    return RunOut.of(run, webhook=_webhook(svc, run) if body.webhook_url else None)
 
 
 @router.get("/runs", tags=["runs"], response_model=RunList)
@@ -251,7 +254,14 @@ def _run_view(svc: Services, run: Run) -> RunOut:
     receipts = [a.provenance for a in attempts if a.provenance]
     return RunOut.of(run, attempts=attempts, last_log_lines=tail,
                      provenance=receipts[-1] if receipts else None,
-                     artifacts=[x.public() for x in by_attempt.get(run.attempt, [])])
+                     artifacts=[x.public() for x in by_attempt.get(run.attempt, [])],
+                     webhook=_webhook(svc, run))
+
+
+def _webhook(svc: Services, run: Run) -> WebhookOut | None:
+    """The run's webhook and its delivery, as the run object shows them."""
+    found = webhook_status(svc.store, run.id)
+    return WebhookOut(**vars(found)) if found is not None else None
 
 
 @router.post("/runs/{run_id}/cancel", tags=["runs"], response_model=RunOut,
@@ -276,7 +286,7 @@ def replay_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
                  store=svc.store, queue=svc.queue, **_submit_options(svc),
                  traceparent=traceparent(trace.get_current_span()))
     request.app.state.metrics.submitted.labels(run.processor).inc()
-    return RunOut.of(run)
+    return RunOut.of(run, webhook=_webhook(svc, run))
 
 
 @router.get("/runs/{run_id}/logs", tags=["runs"], response_class=Response,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
@@ -47,6 +47,12 @@ class RunCreate(BaseModel):
         description="true: answer with a new run pointing to (reused_from) the tenant's "
                     "latest succeeded run of the same image digest, input and files, "
                     "without running a container; {\"max_age\": \"1h\"} bounds its age")
+    webhook_url: str | None = Field(
+        default=None, min_length=1, max_length=2048,
+        description="POST {\"event\": \"run.finished\", \"run\": ...} here, signed, when "
+                    "the run ends; must be under one of the operator's "
+                    "RUNNER_WEBHOOK_ALLOWED_URLS prefixes (http or https, no user:pass@, "
+                    "no #fragment)")
 
 
 class ArtifactOut(BaseModel):
@@ -89,6 +95,22 @@ class AttemptOut(BaseModel):
                                   "the engine reports it applied")
     artifacts: list[ArtifactOut] = Field(default_factory=list,
                                          description="What this attempt left in /run/out")
+
+
+class WebhookOut(BaseModel):
+    """A run's webhook and how its delivery goes."""
+
+    url: str
+    state: Literal["waiting", "pending", "delivered", "failed"] = Field(
+        description="waiting (the run has not ended), pending (being sent or retried), "
+                    "delivered, failed (no 2xx in time)")
+    attempts: int = Field(description="POSTs made so far")
+    last_status_code: int | None = Field(description="The last attempt's HTTP status; "
+                                                     "null when it got no answer")
+    last_error: str | None = Field(description="Why the last attempt did not deliver")
+    next_attempt_at: datetime | None = Field(description="When a pending delivery is "
+                                                         "tried next")
+    delivered_at: datetime | None
 
 
 class RunOut(BaseModel):
@@ -136,6 +158,9 @@ class RunOut(BaseModel):
         description="Receipt of the latest attempt that made a container (on GET only): "
                     "manifest revision, pinned digest, image id started, and the limits "
                     "and security settings the engine reports it applied")
+    webhook: WebhookOut | None = Field(
+        default=None, description="The run's webhook_url and its delivery (null without "
+                                  "one, and in lists)")
 
     @classmethod
     def of(cls, run: Run, **extra: Any) -> Self:

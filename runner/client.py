@@ -110,10 +110,12 @@ class RunnerClient:
                labels: dict[str, str] | None = None,
                idempotency_key: str | None = None,
                files: dict[str, str] | None = None,
-               reuse: bool | dict[str, Any] | None = None) -> dict[str, Any]:
+               reuse: bool | dict[str, Any] | None = None,
+               webhook_url: str | None = None) -> dict[str, Any]:
         """Submit a run. `files` maps a name under /run/in to an uploaded file's id;
         `reuse` (True, or `{"max_age": "1h"}`) lets an earlier succeeded run of the
-        same image, input and files stand in for this one (`reused_from` says which)."""
+        same image, input and files stand in for this one (`reused_from` says which);
+        `webhook_url` is POSTed the run when it ends (under the operator's prefixes)."""
         body: dict[str, Any] = {"processor": processor, "input": input or {}}
         if version is not None:
             body["version"] = version
@@ -125,6 +127,8 @@ class RunnerClient:
             body["files"] = files
         if reuse is not None and reuse is not False:
             body["reuse"] = reuse
+        if webhook_url is not None:
+            body["webhook_url"] = webhook_url
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         run: dict[str, Any] = self._request("POST", "/v1/runs", json=body,
                                             headers=headers).json()

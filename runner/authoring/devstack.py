@@ -4,11 +4,18 @@
 API and workers as background processes), builds and publishes the sample processors
 if needed, pins them in var/dev/manifest.yaml, and writes var/dev/env. `down` stops
 exactly what `up` started, as recorded in var/dev/started.
+
+Webhooks work out of the box on loopback: the API and workers get
+RUNNER_WEBHOOK_ALLOWED_URLS=http://127.0.0.1:,http://localhost: (unless it is set) and
+a RUNNER_WEBHOOK_SECRET made once and kept in var/dev/webhook-secret (unless it is
+set); var/dev/env exports both, so a local receiver can check signatures.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -33,6 +40,8 @@ from runner.settings import Settings
 log = structlog.get_logger(__name__)
 
 DEV_WORKER_PORT = 9101  # dev worker i serves its metrics and health on 9101 + i - 1
+# Where the dev stack's webhooks may go: receivers on this machine, any port.
+DEV_WEBHOOK_URLS = "http://127.0.0.1:,http://localhost:"
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "processor-templates" / "samples"
@@ -48,6 +57,7 @@ class DevStack:
         self.manifest = self.dir / "manifest.yaml"
         self.env_file = self.dir / "env"
         self.started_file = self.dir / "started"
+        self.webhook_secret_file = self.dir / "webhook-secret"
         self.api_url = f"http://{settings.api_host}:{settings.api_port}"
 
     # up --------------------------------------------------------------------
@@ -130,7 +140,21 @@ class DevStack:
                 "RUNNER_REDIS_URL": self.settings.redis_url,
                 "RUNNER_REGISTRY": self.settings.registry,
                 "RUNNER_API_HOST": self.settings.api_host,
-                "RUNNER_API_PORT": str(self.settings.api_port)}
+                "RUNNER_API_PORT": str(self.settings.api_port), **self._webhook_env()}
+
+    def _webhook_env(self) -> dict[str, str]:
+        """The webhook settings of the dev stack: the caller's, else loopback receivers
+        and a secret made once (var/dev/webhook-secret, owner-only)."""
+        secret = self.settings.webhook_secret.get_secret_value()
+        if not secret:
+            if not self.webhook_secret_file.exists():
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self.webhook_secret_file.touch(mode=0o600)
+                self.webhook_secret_file.write_text(secrets.token_hex(32))
+            secret = self.webhook_secret_file.read_text().strip()
+        return {"RUNNER_WEBHOOK_ALLOWED_URLS":
+                self.settings.webhook_allowed_urls or DEV_WEBHOOK_URLS,
+                "RUNNER_WEBHOOK_SECRET": secret}
 
     def _admin_key(self) -> str:
         store = Store(self.settings.database_url)
@@ -151,8 +175,8 @@ class DevStack:
                   "RUNNER_REGISTRY": self.settings.registry,
                   "RUNNER_MANIFEST": str(self.manifest),
                   "RUNNER_DATABASE_URL": self.settings.database_url,
-                  "RUNNER_REDIS_URL": self.settings.redis_url}
-        lines = [f"export {k}={v}\n" for k, v in values.items()]
+                  "RUNNER_REDIS_URL": self.settings.redis_url, **self._webhook_env()}
+        lines = [f"export {k}={shlex.quote(v)}\n" for k, v in values.items()]
         # So that `runner` works after `. var/dev/env` without activating the venv.
         lines.append(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
         self.env_file.write_text("".join(lines))

@@ -38,6 +38,9 @@ def submit_command(
         help="Stand in an earlier succeeded run of the same image, input and files")] = False,
     reuse_max_age: Annotated[str | None, typer.Option(
         metavar="DURATION", help="--reuse, but only a run at most this old (1h, 30m)")] = None,
+    webhook_url: Annotated[str | None, typer.Option(
+        metavar="URL", help="POST the run here when it ends (signed; the operator's "
+                            "RUNNER_WEBHOOK_ALLOWED_URLS must allow it)")] = None,
     follow: Annotated[bool, typer.Option(help="Stream logs, then print the run")] = False,
 ) -> None:
     """Submit a run; prints the run (or streams its logs with --follow)."""
@@ -50,7 +53,7 @@ def submit_command(
             files = upload_run_files(client, sources, bars)
         run = client.submit(processor, data, version=version, timeout_seconds=timeout,
                             idempotency_key=idempotency_key, files=files or None,
-                            reuse=reused)
+                            reuse=reused, webhook_url=webhook_url)
         if not follow:
             print_json(run)
             return

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from runner.control.logstore import captured_bytes
 from runner.control.models import AttemptRow, RunRow, SlotRow
+from runner.control.outbox import record_end
 from runner.control.rows import run_from_row
 from runner.control.store import Store, add_artifacts, rows_changed
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
@@ -97,8 +98,9 @@ class Lifecycle:
 
     `listeners` hear about every final status this lifecycle writes, whoever asks for
     it (a worker, the reconciler, a cancel from the API or `runner ops`): the Redis
-    run-end notice today, webhooks next. A listener that fails is logged and never
-    undoes or blocks the write.
+    run-end notice, the webhook sender's wake. A listener that fails is logged and
+    never undoes or blocks the write. A final status's webhook delivery is no
+    listener: it is written in the status change's own transaction (`record_end`).
     """
 
     def __init__(self, store: Store, listeners: Iterable[RunEndListener] = ()) -> None:
@@ -336,6 +338,8 @@ class Lifecycle:
             if rows_changed(session, update(RunRow).where(*conditions).values(**values)
                             .execution_options(synchronize_session=False)) != 1:
                 return False
+            if outcome.status.terminal:
+                record_end(session, run_id, now)
             session.execute(update(AttemptRow).where(
                 AttemptRow.run_id == run_id, AttemptRow.number == attempt,
             ).values(status=RunStatus.FAILED.value if outcome.status is Q
@@ -365,16 +369,18 @@ class Lifecycle:
     def end_queued(self, run_id: str, target: RunStatus, *, error_code: ErrorCode,
                    message: str, stage: str) -> bool:
         """End a run that never started (a cancel)."""
+        now = utcnow()
         with self.store.session() as session:
             changed = rows_changed(session, update(RunRow).where(
                 RunRow.id == run_id, RunRow.status == Q.value,
                 RunRow.status.in_(sources(target)),
             ).values(status=target.value, error_code=error_code.value, error_message=message,
-                     error_stage=stage, finished_at=utcnow(), next_attempt_at=None)
+                     error_stage=stage, finished_at=now, next_attempt_at=None)
               .execution_options(synchronize_session=False))
             if changed != 1:
                 self._refused(session, run_id, target)
                 return False
+            record_end(session, run_id, now)
         _transitioned(run_id, None, Q, target, error_code=error_code)
         self._ended(RunEnded(run_id, target, None, error_code.value))
         return True

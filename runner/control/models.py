@@ -75,6 +75,8 @@ class RunRow(Base):
     # succeeded run of the same tenant with the same key can stand in for a new one.
     reuse_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     reused_from: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # Where the run's end is POSTed (runner/control/webhooks.py), checked at submission.
+    webhook_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
 
     __table_args__ = (
         Index("ix_runs_tenant_id", "tenant", "id"),
@@ -232,3 +234,34 @@ class BlobChunkRow(Base):
                                          primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class WebhookDeliveryRow(Base):
+    """One POST of a run's end to its webhook_url: the outbox row written in the same
+    transaction as the final status, sent (and retried) by any process's sender.
+
+    `lease_until` is a sender's claim: while it lies ahead no other sender takes the
+    row. `attempts` fences the outcome's write, as a run's attempt number fences its end.
+    """
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    event: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                         nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                          nullable=True)
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_state_due", "state", "next_attempt_at"),
+        UniqueConstraint("run_id", "event", name="uq_webhook_deliveries_run_event"),
+    )

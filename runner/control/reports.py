@@ -15,7 +15,14 @@ from typing import Any, Protocol
 from sqlalchemy import ColumnElement, Engine, Select, delete, func, select
 from sqlalchemy.orm import Session
 
-from runner.control.models import ArtifactRow, AttemptRow, LogChunkRow, RunFileRow, RunRow
+from runner.control.models import (
+    ArtifactRow,
+    AttemptRow,
+    LogChunkRow,
+    RunFileRow,
+    RunRow,
+    WebhookDeliveryRow,
+)
 from runner.control.rows import run_from_row
 from runner.domain import Run, RunStatus
 
@@ -226,7 +233,8 @@ class StoreReports:
     def prune_runs_ended_before(self: HasSessions, *, cutoff: datetime,
                                 batch: int = 500) -> int:
         """Delete up to `batch` runs that ended before `cutoff`, oldest first, with
-        their attempts and stored output, in one short transaction; the number deleted.
+        their attempts, stored output, files' and artifacts' rows and webhook
+        deliveries, in one short transaction; the number deleted.
 
         Small batches keep each transaction (and its locks) short, so retention on a
         large table never stalls the workers' writes; call again until it returns 0.
@@ -238,7 +246,7 @@ class StoreReports:
                 .order_by(RunRow.finished_at).limit(batch)))
             if not ids:
                 return 0
-            for table in (LogChunkRow, ArtifactRow, RunFileRow):
+            for table in (LogChunkRow, ArtifactRow, RunFileRow, WebhookDeliveryRow):
                 session.execute(delete(table).where(table.run_id.in_(ids))
                                 .execution_options(synchronize_session=False))
             session.execute(delete(AttemptRow).where(AttemptRow.run_id.in_(ids))

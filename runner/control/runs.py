@@ -16,9 +16,11 @@ import referencing.exceptions
 import structlog
 from jsonschema.protocols import Validator
 
+from runner.control.outbox import webhook_url_of
 from runner.control.queue import RunQueue
 from runner.control.store import Store
 from runner.control.strictjson import check_strict_json
+from runner.control.webhooks import WebhookRules
 from runner.domain import Artifact, NewRun, Run, utcnow
 from runner.errors import (
     ConflictError,
@@ -57,6 +59,8 @@ class Submission:
     # container starts); `reuse_max_age` bounds how long ago it may have finished.
     reuse: bool = False
     reuse_max_age: float | None = None
+    # Where the run's end is POSTed (runner/control/webhooks.py).
+    webhook_url: str | None = None
 
     def fingerprint(self) -> str:
         """A hash of what was asked for, to tell a true retry from a reused key."""
@@ -66,6 +70,8 @@ class Submission:
         if self.files or self.reuse:  # runs without them keep their old fingerprints
             body.update(files=dict(self.files), reuse=self.reuse,
                         reuse_max_age=self.reuse_max_age)
+        if self.webhook_url is not None:  # likewise
+            body["webhook_url"] = self.webhook_url
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -165,7 +171,8 @@ class FileRules(Protocol):
 def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: RunQueue,
            default_queue: str, stop_grace_seconds: float,
            input_max_bytes: int = 1024 * 1024, max_active: int = 0,
-           file_rules: FileRules | None = None) -> Run:
+           file_rules: FileRules | None = None,
+           webhook_rules: WebhookRules = WebhookRules()) -> Run:
     """Record a new queued run and hand its id to the queue.
 
     Raises:
@@ -176,8 +183,12 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         InvalidRequestError: the idempotency key was used for a different request.
         InvalidRequestError: a file is refused (field `files.<name>`: its name, an
             unknown id, the processor's `accepts`, the caps).
+        InvalidRequestError: the webhook_url is refused (field `webhook_url`: malformed,
+            not under the operator's prefixes, or webhooks off: `webhook_rules`).
         QuotaExceededError: the tenant is at its cap of queued and running runs.
     """
+    if submission.webhook_url is not None:
+        webhook_rules.check(submission.webhook_url)
     processor = manifest.find(submission.processor, submission.version)
     if processor is None:
         wanted = submission.processor + (f" {submission.version}" if submission.version else "")
@@ -215,7 +226,7 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         result=hit.result if hit is not None else None,
         artifacts=tuple(file_rules.artifacts_of(hit)) if hit is not None and file_rules
         else (),
-    ), max_active=max_active)
+    ), max_active=max_active, webhook_url=submission.webhook_url)
     if not created:
         log.info("run_submission_replayed", run_id=run.id, tenant=run.tenant)
         return run
@@ -237,19 +248,22 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
 def replay(run_id: str, *, tenant: str | None, manifest: Manifest, store: Store,
            queue: RunQueue, default_queue: str, stop_grace_seconds: float,
            input_max_bytes: int = 1024 * 1024, max_active: int = 0,
-           traceparent: str | None = None, file_rules: FileRules | None = None) -> Run:
+           traceparent: str | None = None, file_rules: FileRules | None = None,
+           webhook_rules: WebhookRules = WebhookRules()) -> Run:
     """A new run of an ended run's processor version and input, linked to it.
 
     It runs the image the manifest pins now, so a processor fixed and re-pinned after
     a dead letter can be replayed to success, with the same files (never a reuse: a
-    replay is asked for to run again).
+    replay is asked for to run again) and the same webhook_url (checked against
+    today's `webhook_rules`, as a new submission's would be).
 
     Raises:
         NotFoundError: no such run for this tenant.
         ConflictError: the run has not ended yet.
         UnknownProcessorError: the manifest no longer has that processor version.
-        InvalidRequestError, InvalidInputError: its input is refused today, as a new
-            submission's would be (e.g. a NaN stored before inputs were strict JSON).
+        InvalidRequestError, InvalidInputError: its input (or webhook_url) is refused
+            today, as a new submission's would be (e.g. a NaN stored before inputs were
+            strict JSON, a webhook_url no longer allowed).
     """
     original = store.get_run(run_id, tenant=tenant)
     if original is None:
@@ -265,7 +279,8 @@ def replay(run_id: str, *, tenant: str | None, manifest: Manifest, store: Store,
                              version=original.version, input=original.input,
                              timeout_seconds=timeout, labels=original.labels,
                              replay_of=original.id, traceparent=traceparent,
-                             files=original.files),
+                             files=original.files,
+                             webhook_url=webhook_url_of(store, original.id)),
                   manifest=manifest, store=store, queue=queue, default_queue=default_queue,
                   stop_grace_seconds=stop_grace_seconds, input_max_bytes=input_max_bytes,
-                  max_active=max_active, file_rules=file_rules)
+                  max_active=max_active, file_rules=file_rules, webhook_rules=webhook_rules)

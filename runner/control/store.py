@@ -44,6 +44,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from runner.control.logstore import StoreLogs
 from runner.control.models import ArtifactRow, AttemptRow, RunFileRow, RunRow, TenantRow
+from runner.control.outbox import outbox_row
 from runner.control.reports import StoreReports
 from runner.control.rows import aware, run_from_row
 from runner.domain import Artifact, NewRun, Run, RunStatus, utcnow
@@ -163,8 +164,12 @@ class Store(StoreLogs, StoreReports):
                 field="Idempotency-Key")
         return run
 
-    def create_run(self, new: NewRun, *, max_active: int = 0) -> tuple[Run, bool]:
+    def create_run(self, new: NewRun, *, max_active: int = 0,
+                   webhook_url: str | None = None) -> tuple[Run, bool]:
         """Insert a queued run; with an idempotency key, the tenant's existing run wins.
+
+        `webhook_url` (checked by the caller) is where the run's end is POSTed; a reuse
+        hit, created already ended, gets its delivery in the same transaction.
 
         Returns the run and whether this call created it. Of concurrent calls with one
         key exactly one inserts (a unique constraint decides); the others get that run.
@@ -193,7 +198,7 @@ class Store(StoreLogs, StoreReports):
             files=dict(new.files) or None, reuse_key=new.reuse_key,
             reused_from=new.reused_from, result=new.result if reused else None,
             started_at=now if reused else None, finished_at=now if reused else None,
-            exit_code=0 if reused else None,
+            exit_code=0 if reused else None, webhook_url=webhook_url,
         )
         if max_active > 0:
             self._ensure_tenant(new.tenant)
@@ -224,6 +229,8 @@ class Store(StoreLogs, StoreReports):
                                            sha256=file_id.removeprefix("sha256:")))
                 # A reuse hit's artifacts are its source's, recorded as its own (attempt 0).
                 add_artifacts(session, row.id, 0, new.tenant, new.artifacts)
+                if reused and webhook_url is not None:
+                    session.add(outbox_row(row.id, webhook_url, now))
             run = run_from_row(row)
             return replace(run, artifacts=tuple(new.artifacts)), True
         except IntegrityError:

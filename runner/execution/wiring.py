@@ -1,8 +1,9 @@
 """Builds a worker process's services once, the way `api/deps.py` does for the API.
 
 One `Store`, one `RunQueue`, one `ManifestSource`, one `Lifecycle` (with the run-end
-listeners), one `Ledger`, one file store and one `Sandbox` per process; the executor and the
-reconciler thread share them. Also the settings-to-sandbox mapping that
+listeners), one `Ledger`, one file store, one `Sandbox` and (with webhooks configured)
+one `WebhookSender` per process; the executor, the reconciler thread and the sender's
+thread share them. Also the settings-to-sandbox mapping that
 `runner processor run` reuses, so a local run gets the workers' container settings.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from opentelemetry import trace
 
+from runner.control.delivery import WebhookSender
 from runner.control.files import catalog_for
 from runner.control.ledger import Ledger
 from runner.control.lifecycle import Lifecycle
@@ -60,6 +62,9 @@ class WorkerServices:
     manifests: ManifestSource
     sandbox: SandboxPort | None
     files: WorkerFiles
+    # Sends webhook deliveries in a thread of its own (`run_worker` starts it); None
+    # when this process has no webhook settings.
+    webhooks: WebhookSender | None = None
 
     @classmethod
     def build(cls, settings: Settings, *, store: Store | None = None,
@@ -76,9 +81,12 @@ class WorkerServices:
                                                remove_in_background=background_removal),
                                        timeout=settings.pull_timeout_seconds)
         catalog = catalog_for(settings, store)
+        webhooks = WebhookSender.from_settings(store, settings)
+        if webhooks is not None:  # a run this process ends is sent at once, not at a poll
+            ledger.lifecycle.listeners.append(webhooks.wake)
         return cls(settings=settings, store=store, queue=queue, ledger=ledger,
                    manifests=ManifestSource(settings.manifest), sandbox=sandbox,
-                   files=WorkerFiles(catalog))
+                   files=WorkerFiles(catalog), webhooks=webhooks)
 
     def executor(self, *, tracer: trace.Tracer | None = None,
                  metrics: WorkerMetrics | None = None, fault: FaultHook = no_fault

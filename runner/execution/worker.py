@@ -9,7 +9,9 @@ the container deadline, so the runner's own timeout always fires first.
 
 `--concurrency N` runs N such processes under `supervisor`, which forwards signals
 and restarts a process that dies. The process's services (one store, queue,
-manifest source, ledger and sandbox) come from `wiring`. Shutdown: the first SIGTERM lets the
+manifest source, ledger and sandbox) come from `wiring`; besides the job, a process
+runs a reconciler thread and, with webhooks configured, a webhook sender thread
+(`runner.control.delivery`). Shutdown: the first SIGTERM lets the
 current run finish for up to the drain timeout; past it, or on a second signal, the
 container is stopped and the run handed back to be retried elsewhere as worker_lost.
 """
@@ -179,6 +181,8 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None,
     threading.Thread(target=_reconcile_forever, daemon=True, name="reconciler",
                      args=(reconciler, settings.reconcile_interval_seconds, stop,
                            metrics)).start()
+    if services.webhooks is not None:  # its own thread: a receiver never delays a run
+        services.webhooks.start(observe=metrics.webhook_outcome)
     current_executor.set(executor)
     worker = RunnerWorker([Queue(n, connection=queue.redis) for n in names],
                           connection=queue.redis, name=f"{settings.worker_id}-{os.getpid()}")
@@ -194,6 +198,8 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None,
         if worker.drain_timer is not None:  # drained in time: no forced stop mid-exit
             worker.drain_timer.cancel()
         stop.set()
+        if services.webhooks is not None:
+            services.webhooks.stop()
         if not sandbox.drain(timeout=30):
             log.warning("containers_left_for_the_reconciler")
         if server is not None:

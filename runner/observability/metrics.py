@@ -29,6 +29,14 @@ OVERHEAD_BUCKETS = (.0005, .001, .0025, .005, .0075, .01, .015, .025, .05, .1, .
 RUN_BUCKETS = (.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
 
 
+def webhook_counter(registry: CollectorRegistry) -> Counter:
+    """Webhook delivery attempts made by this process's sender, by outcome: delivered
+    (a 2xx), retry (another attempt is due later), failed (given up)."""
+    return Counter("runner_webhook_deliveries", "Webhook delivery attempts by outcome "
+                   "(delivered, retry, failed), sent by this process", ["outcome"],
+                   registry=registry)
+
+
 class ManifestCollector(Collector):
     """Manifest reloads by result, and the revision in force, read at scrape time."""
 
@@ -148,6 +156,7 @@ class WorkerMetrics:
         self.log_dropped = Counter("runner_log_bytes_dropped",
                                    "Processor output over the log cap, not stored",
                                    ["processor"], registry=r)
+        self.webhooks = webhook_counter(r)
         self.stats = WorkerStats()
         if manifests is not None:
             r.register(ManifestCollector(manifests))
@@ -169,6 +178,10 @@ class WorkerMetrics:
                 self.duration.labels(processor, status.value).observe(seconds)
         self.stats.end("retried" if status is RunStatus.QUEUED else status.value,
                        datetime.now(UTC))
+
+    def webhook_outcome(self, outcome: str) -> None:
+        """One attempt of this process's webhook sender (`WebhookSender.start`)."""
+        self.webhooks.labels(outcome).inc()
 
     def observe_stage(self, name: str, seconds: float) -> None:
         histogram = {"pull": self.pull, "create": self.create, "start": self.start,
