@@ -23,6 +23,8 @@ from api.errors import error_response, install_error_handlers
 from api.files import router as files_router
 from api.metrics import ApiMetrics
 from api.routes import router
+from api.ui.mount import router as ui_router
+from api.ui.mount import static_files as ui_static_files
 from runner import __version__
 from runner.errors import (
     RunnerError,
@@ -79,6 +81,9 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.include_router(router)
     app.include_router(files_router)
+    # The dashboard (docs/dashboard.md): its static files first, so no route shadows them.
+    app.mount("/ui/static", ui_static_files(), name="ui-static")
+    app.include_router(ui_router)
     if settings.cors_origin_list:  # none by default: browsers get no cross-origin access
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
                            allow_methods=["GET", "POST"],
