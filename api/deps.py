@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 from opentelemetry import trace
@@ -49,6 +50,22 @@ class Services:
         self.ends = EndWatcher(self.settings.redis_url, self.settings.instance)
 
     FOLLOW_RETRY_SECONDS = 5
+
+    def count_submission(self, tenant: str) -> None:
+        """Raises: RateLimitedError past the tenant's submissions per minute (the API's
+        and the dashboard's submissions and replays share the counter)."""
+        self.limiter.hit(f"tenant-submissions:{tenant}",
+                         limit=self.settings.tenant_submissions_per_minute, window_seconds=60,
+                         what=f"submissions for tenant {tenant}")
+
+    def submit_options(self) -> dict[str, Any]:
+        """The settings and rules every new run (submitted or replayed, by the API or
+        the dashboard) is made under."""
+        return {"default_queue": self.settings.queue,
+                "stop_grace_seconds": self.settings.stop_grace_seconds,
+                "input_max_bytes": self.settings.input_max_bytes,
+                "max_active": self.settings.tenant_max_active_runs,
+                "file_rules": self.run_files, "webhook_rules": self.webhook_rules}
 
     def hold_follow(self, key_id: str) -> None:
         """Take one of the follow streams a key, and this process, may hold at once.

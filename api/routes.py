@@ -90,22 +90,6 @@ TAIL_BYTES = 16 * 1024
 LIST_VALUE_MAX_BYTES = 64 * 1024
 
 
-def _count_submission(svc: Services, who: Principal) -> None:
-    """Raises: RateLimitedError past the tenant's submissions per minute."""
-    svc.limiter.hit(f"tenant-submissions:{who.tenant}",
-                    limit=svc.settings.tenant_submissions_per_minute, window_seconds=60,
-                    what=f"submissions for tenant {who.tenant}")
-
-
-def _submit_options(svc: Services) -> dict[str, Any]:
-    """The settings every new run (submitted or replayed) is made under."""
-    return {"default_queue": svc.settings.queue,
-            "stop_grace_seconds": svc.settings.stop_grace_seconds,
-            "input_max_bytes": svc.settings.input_max_bytes,
-            "max_active": svc.settings.tenant_max_active_runs,
-            "file_rules": svc.run_files, "webhook_rules": svc.webhook_rules}
-
-
 def _timestamp(value: str | None, field: str) -> datetime | None:
     """An ISO 8601 date-time with its zone (naive ones are taken as UTC); nothing else."""
     if value is None:
@@ -139,7 +123,7 @@ def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
                    description="The same key with the same body returns the same run")] = None,
                ) -> RunOut:
     """Submit a run of an allowlisted processor; answers with the queued run."""
-    _count_submission(svc, who)
+    svc.count_submission(who.tenant)
     reuse = body.reuse is not False
     max_age = (parse_duration(body.reuse.max_age)
                if isinstance(body.reuse, ReuseOptions) and body.reuse.max_age else None)
@@ -151,7 +135,7 @@ def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
                    files=body.files, reuse=reuse, reuse_max_age=max_age,
                    webhook_url=body.webhook_url),
         manifest=svc.manifests.current(), store=svc.store, queue=svc.queue,
-        **_submit_options(svc))
+        **svc.submit_options())
     if run.reused_from is not None:
         request.app.state.metrics.reused.labels(run.processor).inc()
     request.app.state.metrics.submitted.labels(run.processor).inc()
@@ -272,7 +256,8 @@ def cancel_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
     """Cancel: a queued run never starts; a running one is stopped within its grace."""
     # A queued run ends here (its lifecycle tells the run-end listeners); a running
     # one ends on its worker.
-    return RunOut.of(svc.lifecycle.cancel(run_id, tenant=who.tenant))
+    run = svc.lifecycle.cancel(run_id, tenant=who.tenant)
+    return RunOut.of(run, webhook=_webhook(svc, run))
 
 
 @router.post("/runs/{run_id}/replay", tags=["runs"], status_code=202, response_model=RunOut,
@@ -281,9 +266,9 @@ def cancel_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
 def replay_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
                svc: Annotated[Services, Depends(services)], request: Request) -> RunOut:
     """A new run of an ended run's processor version and input, linked by `replay_of`."""
-    _count_submission(svc, who)
+    svc.count_submission(who.tenant)
     run = replay(run_id, tenant=who.tenant, manifest=svc.manifests.current(),
-                 store=svc.store, queue=svc.queue, **_submit_options(svc),
+                 store=svc.store, queue=svc.queue, **svc.submit_options(),
                  traceparent=traceparent(trace.get_current_span()))
     request.app.state.metrics.submitted.labels(run.processor).inc()
     return RunOut.of(run, webhook=_webhook(svc, run))

@@ -33,28 +33,13 @@ router = APIRouter(route_class=UiRoute)
 BULK_MAX = 1000  # runs one bulk replay may name
 
 
-def _count_submission(svc: Services, user: UiUser) -> None:
-    """The `/v1` routes' per-tenant submission limit (the same Redis counter).
-
-    Raises:
-        RateLimitedError: past RUNNER_TENANT_SUBMISSIONS_PER_MINUTE.
-    """
-    svc.limiter.hit(f"tenant-submissions:{user.tenant}",
-                    limit=svc.settings.tenant_submissions_per_minute, window_seconds=60,
-                    what=f"submissions for tenant {user.tenant}")
-
-
 def _replay(svc: Services, request: Request, user: UiUser, run_id: str) -> Run:
     """Raises: what `runner.control.runs.replay` raises, or RateLimitedError."""
     if not is_run_id(run_id):
         raise NotFoundError("no such run: not a run id")
-    _count_submission(svc, user)
-    settings = svc.settings
+    svc.count_submission(user.tenant)
     run = replay(run_id, tenant=user.tenant, manifest=svc.manifests.current(),
-                 store=svc.store, queue=svc.queue, default_queue=settings.queue,
-                 stop_grace_seconds=settings.stop_grace_seconds,
-                 input_max_bytes=settings.input_max_bytes,
-                 max_active=settings.tenant_max_active_runs, file_rules=svc.run_files,
+                 store=svc.store, queue=svc.queue, **svc.submit_options(),
                  traceparent=traceparent(trace.get_current_span()))
     request.app.state.metrics.submitted.labels(run.processor).inc()
     log.info("ui_replayed", run_id=run_id, replay_id=run.id, key_id=user.principal.key_id)

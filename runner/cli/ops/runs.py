@@ -22,10 +22,12 @@ from runner.cli.ops.common import (
     ops_command,
     settings,
 )
+from runner.control.files import catalog_for, run_files
 from runner.control.lifecycle import Lifecycle
 from runner.control.notify import RunEndNotice
 from runner.control.queue import RunQueue
 from runner.control.store import Store
+from runner.control.webhooks import WebhookRules
 from runner.domain import ErrorCode, RunStatus, utcnow
 from runner.errors import RunnerError
 
@@ -108,12 +110,15 @@ def replay_dead_letters(since: SinceOpt = "1h", processor: ProcessorOpt = None,
             typer.echo(f"{len(todo)} dead letter(s) to replay; add --yes to replay them")
             return
         manifest, queue = load_manifest(cfg.manifest), RunQueue.from_url(cfg.redis_url)
+        # The API's rules for the replays' files and webhooks, under these settings.
+        files, webhooks = run_files(catalog_for(cfg, store), cfg), WebhookRules.from_settings(cfg)
         failed = 0
         for d in todo:
             try:
                 new = replay(d["id"], tenant=None, manifest=manifest, store=store, queue=queue,
                              default_queue=cfg.queue, stop_grace_seconds=cfg.stop_grace_seconds,
-                             input_max_bytes=cfg.input_max_bytes)
+                             input_max_bytes=cfg.input_max_bytes, file_rules=files,
+                             webhook_rules=webhooks)
                 typer.echo(f"replayed {d['id']} as {new.id}")
             except RunnerError as exc:
                 failed += 1
