@@ -26,6 +26,7 @@ from api.routes import router
 from api.ui.mount import router as ui_router
 from api.ui.mount import static_files as ui_static_files
 from runner import __version__
+from runner.control.migrate import check_schema, require_current_schema
 from runner.errors import (
     RunnerError,
 )
@@ -76,6 +77,9 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         generate_unique_id_function=operation_id, openapi_tags=OPENAPI_TAGS,
         lifespan=webhook_sender,
     )
+    if services is None:
+        # Refuse to serve on a schema this code cannot run on (one line, both revisions).
+        require_current_schema(settings.database_url)
     app.state.services = services or Services.build(settings)
     metrics = ApiMetrics(app.state.services)
     app.state.metrics = metrics
@@ -158,7 +162,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         svc: Services = app.state.services
         checks: dict[str, str] = {}
         for name, check in (("database", svc.store.ping), ("redis", svc.queue.ping),
-                            ("manifest", svc.manifests.current)):
+                            ("manifest", svc.manifests.current),
+                            ("schema", lambda: check_schema(svc.store.engine))):
             try:
                 check()
                 checks[name] = "ok"

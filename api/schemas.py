@@ -80,6 +80,8 @@ class FileOut(BaseModel):
 class AttemptOut(BaseModel):
     number: int
     worker_id: str
+    host_id: str | None = Field(default=None,
+                                description="RUNNER_HOST_ID of the worker host that ran it")
     status: str
     container_id: str | None
     image_id: str | None
@@ -215,6 +217,8 @@ class ProcessorOut(BaseModel):
     input_schema: dict[str, Any]
     accepts: dict[str, Any] = Field(description="The files it takes: media types, caps")
     reusable: bool = True
+    require: list[str] = Field(default_factory=list,
+                               description="Host tags a worker host needs to run it")
 
 
 class ProcessorList(BaseModel):

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
 
     worker_id: str = Field(default_factory=_default_worker_id)
+    # The worker host (docs/operators.md, "Several hosts"): recorded on each attempt and
+    # labelled on its containers; its tags decide which tagged runs it serves.
+    host_id: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9._-]{1,63}$")
+    host_tags: str = ""
     container_user: str = "65532:65532"
     tmp_size: int = 64 * 1024 * 1024
     stop_grace_seconds: float = Field(default=5.0, ge=0)
@@ -165,6 +169,21 @@ class Settings(BaseSettings):
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             url = f"sqlite:///{Path(url.removeprefix('sqlite:///')).resolve()}"
         return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+    @property
+    def host_tag_list(self) -> list[str]:
+        return sorted({t.strip() for t in self.host_tags.split(",") if t.strip()})
+
+    @field_validator("host_tags")
+    @classmethod
+    def _host_tags(cls, value: str) -> str:
+        tags = {t.strip() for t in value.split(",") if t.strip()}
+        for tag in tags:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,31}", tag):
+                raise ValueError(f"{tag!r} is not a host tag (1-32 of a-z 0-9 . _ -)")
+        if len(tags) > 6:
+            raise ValueError(f"{len(tags)} tags: a host has at most 6")
+        return value
 
     @property
     def webhook_prefixes(self) -> list[str]:

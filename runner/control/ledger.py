@@ -28,11 +28,13 @@ class Ledger:
         return self.store.get_run(run_id)
 
     def claim(self, run_id: str, *, attempt: int, worker_id: str, lease_seconds: float,
-              max_concurrency: int | None = None, known: Run | None = None) -> Claim:
+              max_concurrency: int | None = None, known: Run | None = None,
+              host_id: str | None = None) -> Claim:
         """Start attempt `attempt`; only one claim ever wins it (`Lifecycle.claim`)."""
         return self.lifecycle.claim(run_id, attempt=attempt, worker_id=worker_id,
                                     lease_seconds=lease_seconds,
-                                    max_concurrency=max_concurrency, known=known)
+                                    max_concurrency=max_concurrency, known=known,
+                                    host_id=host_id)
 
     def heartbeat(self, run_id: str, attempt: int, *, lease_seconds: float) -> Heartbeat:
         """Renew the lease; whether the attempt is still ours and a cancel came."""

@@ -122,7 +122,8 @@ class Lifecycle:
                  current_attempt=current.attempt if current else None)
 
     def claim(self, run_id: str, *, attempt: int, worker_id: str, lease_seconds: float,
-              max_concurrency: int | None = None, known: Run | None = None) -> Claim:
+              max_concurrency: int | None = None, known: Run | None = None,
+              host_id: str | None = None) -> Claim:
         """Start attempt `attempt` of a queued run; only one claim can ever win it.
 
         `known` is the run as just read by the caller: it spares a read here (the
@@ -176,7 +177,7 @@ class Lifecycle:
                         SlotRow.run_id == run_id, SlotRow.attempt == attempt))
                 return Claim(ClaimStatus.GONE)
             session.add(AttemptRow(run_id=run_id, number=attempt, worker_id=worker_id,
-                                   status=R.value, started_at=now))
+                                   host_id=host_id or None, status=R.value, started_at=now))
         # What the UPDATE wrote, without reading the row back.
         claimed = replace(known, status=R, attempt=attempt, worker_id=worker_id,
                           started_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds),

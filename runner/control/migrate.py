@@ -218,3 +218,18 @@ def require_current_schema(database_url: str) -> None:
     problem = schema_problem(database_url)
     if problem is not None:
         raise ConfigError(problem)
+
+
+def check_schema(engine: Engine) -> None:
+    """`require_current_schema` on an engine the caller already has (`/readyz`).
+
+    Raises:
+        ConfigError: this code cannot run on the database's schema.
+        ServiceUnavailableError: the database does not answer.
+    """
+    try:
+        problem = schema_state(engine).problem
+    except SQLAlchemyError as exc:
+        raise ServiceUnavailableError(f"database unavailable: {exc}") from exc
+    if problem is not None:
+        raise ConfigError(problem)

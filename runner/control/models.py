@@ -85,6 +85,8 @@ class RunRow(Base):
         Index("ix_runs_status", "status"),
         Index("ix_runs_processor_parked", "processor", "parked_at"),
         Index("ix_runs_tenant_reuse_key", "tenant", "reuse_key"),
+        Index("ix_runs_tenant_finished_at", "tenant", "finished_at"),
+        Index("ix_runs_finished_at", "finished_at"),
         UniqueConstraint("tenant", "idempotency_key", name="uq_runs_tenant_idempotency_key"),
     )
 
@@ -112,6 +114,8 @@ class AttemptRow(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
     worker_id: Mapped[str] = mapped_column(String(128))
+    # RUNNER_HOST_ID of the worker host that ran it (null before revision 0008).
+    host_id: Mapped[str | None] = mapped_column(String(63), nullable=True)
     status: Mapped[str] = mapped_column(String(16))
     container_id: Mapped[str | None] = mapped_column(String(80), nullable=True)
     image_id: Mapped[str | None] = mapped_column(String(80), nullable=True)

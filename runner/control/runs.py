@@ -17,7 +17,7 @@ import structlog
 from jsonschema.protocols import Validator
 
 from runner.control.outbox import webhook_url_of
-from runner.control.queue import RunQueue
+from runner.control.queue import RunQueue, tagged_queue
 from runner.control.store import Store
 from runner.control.strictjson import check_strict_json
 from runner.control.webhooks import WebhookRules
@@ -215,7 +215,8 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
                                   not_before=not_before)
     run, created = store.create_run(NewRun(
         tenant=submission.tenant, processor=processor.name, version=processor.version,
-        image=processor.image, queue=processor.queue or default_queue,
+        image=processor.image,
+        queue=tagged_queue(processor.queue or default_queue, processor.require),
         input=dict(submission.input), labels=dict(submission.labels),
         timeout_seconds=float(submission.timeout_seconds or limit),
         max_attempts=processor.retry.max_attempts, manifest_revision=manifest.revision,

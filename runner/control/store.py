@@ -382,7 +382,8 @@ class Store(StoreLogs, StoreReports):
             rows = session.scalars(select(AttemptRow).where(AttemptRow.run_id == run_id)
                                    .order_by(AttemptRow.number))
             return [
-                {"number": r.number, "worker_id": r.worker_id, "status": r.status,
+                {"number": r.number, "worker_id": r.worker_id, "host_id": r.host_id,
+                 "status": r.status,
                  "container_id": r.container_id, "image_id": r.image_id,
                  "exit_code": r.exit_code, "error_code": r.error_code,
                  "error_message": r.error_message, "error_stage": r.error_stage,

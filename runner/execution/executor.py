@@ -101,7 +101,7 @@ class Executor:
                 run_id, attempt=attempt, worker_id=self.worker_id,
                 lease_seconds=self.lease_seconds,
                 max_concurrency=processor.max_concurrency if processor else None,
-                known=queued)
+                known=queued, host_id=self.host_id or None)
             claim_span.set_attribute("runner.claim", claim.status.value)
         if claim.status is not ClaimStatus.CLAIMED or claim.run is None:
             # Not due, at capacity, or someone else's: the reconciler queues it again

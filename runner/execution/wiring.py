@@ -98,7 +98,7 @@ class WorkerServices:
                         heartbeat_seconds=s.heartbeat_seconds,
                         stop_grace_seconds=s.stop_grace_seconds,
                         tracer=tracer or trace.NoOpTracer(), metrics=metrics, fault=fault,
-                        files=self.files)
+                        files=self.files, host_id=s.host_id)
 
     def reconciler(self) -> Reconciler:
         s = self.settings

@@ -34,6 +34,8 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.worker import SimpleWorker
 
+from runner.control.migrate import require_current_schema
+from runner.control.queue import host_queues
 from runner.errors import RunnerError, ServiceUnavailableError
 from runner.execution.executor import Executor
 from runner.execution.health import WorkerHealth, serve
@@ -159,8 +161,10 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None,
     `fault` is for tests only (tests/support/faulty_worker.py): a hook called at named
     points of each attempt.
     """
-    names = queues or [settings.queue]
+    # Each queue, with every subset of this host's tags (routing by capability).
+    names = host_queues(queues or [settings.queue], settings.host_tag_list)
     bind_process(worker_id=settings.worker_id)
+    require_current_schema(settings.database_url)
     services = WorkerServices.build(settings)
     assert services.sandbox is not None
     sandbox, queue = services.sandbox, services.queue
@@ -187,7 +191,8 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None,
     worker = RunnerWorker([Queue(n, connection=queue.redis) for n in names],
                           connection=queue.redis, name=f"{settings.worker_id}-{os.getpid()}")
     worker.drain_timeout_seconds = settings.drain_timeout_seconds
-    log.info("worker_started", queues=names, manifest=str(settings.manifest),
+    log.info("worker_started", queues=names, host_id=settings.host_id,
+             host_tags=settings.host_tag_list, manifest=str(settings.manifest),
              revision=services.manifests.current().revision)
     try:
         # No RQ scheduler: it forks a child that would inherit (and, if this process

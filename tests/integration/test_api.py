@@ -160,7 +160,8 @@ def test_health_and_readiness(api_url: str) -> None:
     assert httpx.get(f"{api_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{api_url}/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "manifest": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "manifest": "ok",
+                                      "schema": "ok"}
 
 
 def test_openapi_is_served(api_url: str) -> None:

@@ -7,19 +7,21 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
+from runner.control.models import LogChunkRow
 from runner.control.queue import RunQueue
 from runner.control.runs import Submission, submit
 from runner.control.store import Store
+from runner.domain import Run
 from runner.manifest import ManifestSource
 from runner.settings import Settings
-from tests.integration.conftest import PG_URL, REDIS_URL, SESSION
+from tests.integration.conftest import PG_URL, REDIS_URL, SESSION, write_manifest
 from tests.support.hosts import Host, Hosts
 from tests.support.waiting import wait_until
 
@@ -37,10 +39,58 @@ def hosts() -> Iterator[Hosts]:
 
 
 @pytest.fixture(scope="module")
-def host_settings(settings: Settings) -> Settings:
-    """The session's settings on a queue of the hosts' own (no other worker serves it)."""
-    return settings.model_copy(update={"queue": f"hosts-{SESSION}",
-                                       "worker_id": f"hosts-{SESSION}"})
+def host_settings(settings: Settings, published: dict[str, dict[str, Any]],
+                  tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The session's settings on a queue of the hosts' own (no other worker serves it),
+    with short leases (a 5 s lease, a 1 s stop grace: a cut worker fences after 2 s),
+    and a manifest whose `sleep` is retried once after a lost worker and whose
+    `sleep-gpu` needs a host tagged gpu."""
+    retry = {"max_attempts": 2, "backoff": {"initial": "0s", "max": "0s"},
+             "on": ["worker_lost"]}
+    entries = {"echo": published["echo"], "sleep": {**published["sleep"], "retry": retry},
+               "sleep-gpu": {**published["sleep"], "name": "sleep-gpu", "require": ["gpu"]}}
+    manifest = write_manifest(tmp_path_factory.mktemp("hosts") / "manifest.yaml", entries)
+    return settings.model_copy(update={
+        "queue": f"hosts-{SESSION}", "worker_id": f"hosts-{SESSION}", "manifest": manifest,
+        "lease_seconds": 5.0, "heartbeat_seconds": 0.5, "stop_grace_seconds": 1.0,
+        "reconcile_interval_seconds": 1.0, "reconcile_grace_seconds": 1.0})
+
+
+@pytest.fixture
+def workers(hosts: Hosts, host_settings: Settings, tmp_path: Path) -> Iterator[Hosts]:
+    """One worker on each host (host3 tagged gpu), stopped after the test."""
+    for host in hosts:
+        tags = {"RUNNER_HOST_TAGS": "gpu"} if host.name == "host3" else {}
+        host.start_worker(host_settings, tmp_path, extra=tags)
+    try:
+        yield hosts
+    finally:
+        for host in hosts:
+            host.heal()
+            host.stop_workers()
+
+
+def submit_runs(store: Store, settings: Settings, processor: str, count: int,
+                **input: Any) -> list[str]:
+    manifests = ManifestSource(settings.manifest)
+    queue = RunQueue.from_url(settings.redis_url)
+    return [submit(Submission(tenant="acme", processor=processor, version=None, input=input),
+                   manifest=manifests.current(), store=store, queue=queue,
+                   default_queue=settings.queue, stop_grace_seconds=1).id
+            for _ in range(count)]
+
+
+def ended(store: Store, ids: list[str], timeout: float = 120) -> list[Run]:
+    def done() -> list[Run]:  # empty (not done) until every run has ended
+        runs = [store.get_run(i) for i in ids]
+        return [r for r in runs if r is not None] if all(
+            r is not None and r.status.terminal for r in runs) else []
+    found: list[Run] = wait_until(done, timeout=timeout, message=f"runs {ids} did not end")
+    return found
+
+
+def host_of(hosts: Hosts, name: str) -> Host:
+    return next(h for h in hosts if h.name == name)
 
 
 def created_in(host: Host, run_ids: set[str], since: float) -> set[str]:
@@ -71,41 +121,91 @@ def test_a_host_reaches_only_its_link(hosts: Hosts) -> None:
 
 
 def test_runs_spread_over_the_hosts_and_each_runs_in_its_own_engine(
-        hosts: Hosts, host_settings: Settings, store: Store, tmp_path: Path) -> None:
-    for host in hosts:
-        host.start_worker(host_settings, tmp_path)
-    try:
-        since = time.time() - 1
-        manifests = ManifestSource(host_settings.manifest)
-        queue = RunQueue.from_url(host_settings.redis_url)
-        runs = [submit(Submission(tenant="acme", processor="sleep", version=None,
-                                  input={"seconds": 1}),
-                       manifest=manifests.current(), store=store, queue=queue,
-                       default_queue=host_settings.queue, stop_grace_seconds=1)
-                for _ in range(9)]
-        ids = {run.id for run in runs}
+        workers: Hosts, host_settings: Settings, store: Store) -> None:
+    since = time.time() - 1
+    ids = submit_runs(store, host_settings, "sleep", 9, seconds=1)
+    for run in ended(store, ids, timeout=180):
+        assert run.status.value == "succeeded", run
+        assert len(store.attempts(run.id)) == 1
+    per_host = {host.name: created_in(host, set(ids), since) for host in workers}
+    # Every run's container was made by exactly one engine: the one of its host.
+    assert sorted(i for found in per_host.values() for i in found) == sorted(ids)
+    for host in workers:
+        ran_here = {i for i in ids if store.attempts(i)[0]["host_id"] == host.name}
+        assert per_host[host.name] == ran_here, host.name
+        assert ran_here, f"{host.name} ran nothing"
+        assert host.engine.containers() == []
 
-        def ended() -> bool:
-            return all((r := store.get_run(i)) is not None and r.status.terminal for i in ids)
 
-        wait_until(ended, timeout=180, message="the hosts did not finish their runs")
-        by_worker: Counter[str] = Counter()
-        for run_id in ids:
-            final = store.get_run(run_id)
-            assert final is not None and final.status.value == "succeeded", final
-            attempts = store.attempts(run_id)
-            assert len(attempts) == 1
-            by_worker[attempts[0]["worker_id"]] += 1
-        per_host = {host.name: created_in(host, ids, since) for host in hosts}
-        # Every run's container was made by exactly one engine: the one of its worker.
-        assert sorted(i for found in per_host.values() for i in found) == sorted(ids)
-        for host in hosts:
-            ran_here = {i for i in ids
-                        if store.attempts(i)[0]["worker_id"].startswith(
-                            f"{host_settings.worker_id}-{host.name}-")}
-            assert per_host[host.name] == ran_here, host.name
-            assert ran_here, f"{host.name} ran nothing: {by_worker}"
-            assert host.engine.containers() == []
-    finally:
-        for host in hosts:
-            host.stop_workers()
+def running_on(store: Store, run_id: str) -> str | None:
+    run = store.get_run(run_id)
+    attempts = store.attempts(run_id)
+    if run is None or run.status.value != "running" or not attempts:
+        return None
+    return str(attempts[-1]["host_id"])
+
+
+def live_containers(host: Host, run_id: str) -> list[str]:
+    done = host.engine.docker("ps", "-q", "--filter",
+                              f"label=io.container-runner.run-id={run_id}", check=False)
+    return done.stdout.split()
+
+
+def test_a_cut_host_fences_its_run_which_is_retried_elsewhere_exactly_once(
+        workers: Hosts, host_settings: Settings, store: Store) -> None:
+    [run_id] = submit_runs(store, host_settings, "sleep", 1, seconds=8)
+    def started_on() -> str | None:
+        name = running_on(store, run_id)
+        return name if name and live_containers(host_of(workers, name), run_id) else None
+
+    name = wait_until(started_on, timeout=60, message="the run never started")
+    assert name is not None
+    cut = host_of(workers, name)
+    cut_worker = cut.workers[0]
+    logged = len(cut_worker.log())
+    cut.cut()
+    cut_at = time.monotonic()
+    wait_until(lambda: not live_containers(cut, run_id), timeout=30, interval=0.05,
+               message="the cut host never stopped its container")
+    gone_after = time.monotonic() - cut_at
+    # The container is gone before the lease (5 s after the last renewal) can expire.
+    assert gone_after < host_settings.lease_seconds, gone_after
+    final = ended(store, [run_id], timeout=120)[0]
+    attempts = store.attempts(run_id)
+    assert final.status.value == "succeeded", final
+    assert [a["number"] for a in attempts] == [1, 2]
+    assert attempts[0]["error_code"] == "worker_lost" and attempts[1]["host_id"] != name
+    retry_after = (attempts[1]["started_at"] - attempts[0]["started_at"]).total_seconds()
+    print(f"fencing: container gone {gone_after:.2f} s after the cut; the retry started "
+          f"{retry_after:.2f} s after the first attempt (lease {host_settings.lease_seconds:g} s)")
+    with store.session() as session:
+        before = session.query(LogChunkRow).filter(LogChunkRow.run_id == run_id).count()
+    cut.heal()
+    wait_until(lambda: cut_worker.events("attempt_abandoned", since=logged, run_id=run_id),
+               timeout=60, message="the healed worker never gave its attempt up")
+    assert cut_worker.events("attempt_fenced", since=logged, run_id=run_id)
+    with store.session() as session:
+        after = session.query(LogChunkRow).filter(LogChunkRow.run_id == run_id).count()
+    assert after == before  # the old worker wrote nothing once it was back
+    assert store.attempts(run_id) == attempts and store.get_run(run_id) == final
+    assert live_containers(cut, run_id) == []
+
+
+def test_a_tagged_run_runs_only_on_a_host_with_the_tag_and_waits_for_it(
+        workers: Hosts, host_settings: Settings, store: Store) -> None:
+    tagged = submit_runs(store, host_settings, "sleep-gpu", 3, seconds=0.2)
+    for run in ended(store, tagged):
+        assert run.status.value == "succeeded" and run.queue.endswith("@gpu"), run
+        assert store.attempts(run.id)[0]["host_id"] == "host3"
+    gpu_host = host_of(workers, "host3")
+    gpu_host.cut()
+    [waiting] = submit_runs(store, host_settings, "sleep-gpu", 1, seconds=0.2)
+    # Untagged work goes on on the other hosts meanwhile; the tagged run waits.
+    plain = submit_runs(store, host_settings, "sleep", 2, seconds=0.2)
+    assert all(r.status.value == "succeeded" for r in ended(store, plain))
+    still = store.get_run(waiting)
+    assert still is not None and still.status.value == "queued"
+    gpu_host.heal()
+    done = ended(store, [waiting], timeout=120)[0]
+    assert done.status.value == "succeeded"
+    assert store.attempts(waiting)[0]["host_id"] == "host3"

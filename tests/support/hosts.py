@@ -249,7 +249,8 @@ class Host:
         redis = settings.redis_url.replace("127.0.0.1", self.gateway, 1)
         return {**child_env(settings), "DOCKER_HOST": self.engine.url,
                 "RUNNER_DATABASE_URL": database, "RUNNER_REDIS_URL": redis,
-                "RUNNER_WORKER_ID": f"{settings.worker_id}-{self.name}", **extra}
+                "RUNNER_WORKER_ID": f"{settings.worker_id}-{self.name}",
+                "RUNNER_HOST_ID": self.name, **extra}
 
     def start_worker(self, settings: Settings, log_dir: Path, *, args: Sequence[str] = (),
                      extra: Mapping[str, str] | None = None, number: int | None = None,
