@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from redis import Redis
 
+from runner.control.queue import served_queues, unserved
 from runner.control.store import Store
 from runner.observability.metrics import (
     ManifestCollector,
@@ -59,6 +61,37 @@ class RunsCollector(Collector):
         yield up
 
 
+class UnservedCollector(Collector):
+    """Queued runs on a queue no live worker serves (a tag no host has, or every host
+    that has it down), per queue, read at most every `ttl` seconds like RunsCollector:
+    such runs wait, visibly, rather than sit in a backlog that looks like load."""
+
+    def __init__(self, store: Store, redis: Redis, ttl: float = 15.0) -> None:
+        self.store, self.redis, self.ttl = store, redis, ttl
+        self._found: dict[str, int] = {}
+        self._read_at = -math.inf
+        self._lock = threading.Lock()
+
+    def _current(self) -> dict[str, int]:
+        with self._lock:
+            if time.monotonic() - self._read_at >= self.ttl:
+                try:
+                    self._found = unserved(self.store.queued_by_queue(),
+                                           served_queues(self.redis))
+                except Exception:  # noqa: BLE001 - a scrape must not fail with a backend
+                    self._found = {}
+                self._read_at = time.monotonic()
+            return self._found
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "runner_runs_unserved", "Queued runs on a queue that no live worker serves "
+            "(their processor requires host tags no live host has)", labels=["queue"])
+        for queue, count in sorted(self._current().items()):
+            family.add_metric([queue], count)
+        yield family
+
+
 class ApiMetrics:
     def __init__(self, services: Services) -> None:
         self.registry = CollectorRegistry()
@@ -85,6 +118,7 @@ class ApiMetrics:
             return sorted(names)
 
         self.registry.register(RunsCollector(services.store))
+        self.registry.register(UnservedCollector(services.store, services.queue.redis))
         self.registry.register(ManifestCollector(manifests))
         self.registry.register(QueueDepthCollector(services.queue.redis, queues))
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue
+from rq import Queue, Worker
 from rq.job import Job
 from rq.utils import utcparse
 
@@ -77,6 +77,27 @@ def host_queues(bases: Sequence[str], host_tags: Sequence[str]) -> list[str]:
 def can_serve(host_tags: Iterable[str], queue: str) -> bool:
     """Whether a host with `host_tags` serves `queue`."""
     return queue_tags(queue)[1] <= frozenset(host_tags)
+
+
+def served_queues(redis: Redis) -> set[str]:
+    """The queues some registered worker serves now (RQ drops a dead worker's
+    registration once its heartbeat lapses).
+
+    Raises:
+        ServiceUnavailableError: Redis cannot be reached.
+    """
+    try:
+        return {name for worker in Worker.all(connection=redis)
+                for name in worker.queue_names()}
+    except RedisError as exc:
+        raise ServiceUnavailableError(f"redis unavailable: {exc}") from exc
+
+
+def unserved(queued: Mapping[str, int], served: Collection[str]) -> dict[str, int]:
+    """Of the queued runs per queue, those on a queue no live worker serves: runs that
+    wait for a host that is not there (a tag no host has, every such host down)."""
+    return {queue: count for queue, count in queued.items()
+            if count and queue not in served}
 
 
 class RunQueue:

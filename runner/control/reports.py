@@ -88,6 +88,13 @@ class StoreReports:
             rows = session.execute(query.group_by(RunRow.status)).all()
         return {status: int(count) for status, count in rows}
 
+    def queued_by_queue(self: HasSessions) -> dict[str, int]:
+        """Queued runs per queue (a tagged processor's runs are on their tag set's)."""
+        with self.session() as session:
+            rows = session.execute(select(RunRow.queue, func.count()).where(
+                RunRow.status == RunStatus.QUEUED.value).group_by(RunRow.queue)).all()
+        return {queue: int(count) for queue, count in rows}
+
     def queued_runs(self: HasSessions) -> list[Run]:
         """Every queued run (any order), for the backlog's size, age and breakdown."""
         with self.session() as session:

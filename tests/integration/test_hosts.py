@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from runner.control.models import LogChunkRow
-from runner.control.queue import RunQueue
+from runner.control.queue import RunQueue, served_queues, unserved
 from runner.control.runs import Submission, submit
 from runner.control.store import Store
 from runner.domain import Run
@@ -192,7 +192,7 @@ def test_a_cut_host_fences_its_run_which_is_retried_elsewhere_exactly_once(
 
 
 def test_a_tagged_run_runs_only_on_a_host_with_the_tag_and_waits_for_it(
-        workers: Hosts, host_settings: Settings, store: Store) -> None:
+        workers: Hosts, host_settings: Settings, store: Store, tmp_path: Path) -> None:
     tagged = submit_runs(store, host_settings, "sleep-gpu", 3, seconds=0.2)
     for run in ended(store, tagged):
         assert run.status.value == "succeeded" and run.queue.endswith("@gpu"), run
@@ -209,3 +209,15 @@ def test_a_tagged_run_runs_only_on_a_host_with_the_tag_and_waits_for_it(
     done = ended(store, [waiting], timeout=120)[0]
     assert done.status.value == "succeeded"
     assert store.attempts(waiting)[0]["host_id"] == "host3"
+
+    # With the only gpu host's worker gone, a gpu run is shown as unserved (the
+    # runner_runs_unserved metric and runner ops status read this), then runs once a
+    # worker with the tag is back.
+    gpu_host.stop_workers()
+    [orphan] = submit_runs(store, host_settings, "sleep-gpu", 1, seconds=0.2)
+    redis = RunQueue.from_url(host_settings.redis_url).redis
+    gpu_queue = f"{host_settings.queue}@gpu"
+    assert unserved(store.queued_by_queue(), served_queues(redis)).get(gpu_queue) == 1
+    gpu_host.start_worker(host_settings, tmp_path, extra={"RUNNER_HOST_TAGS": "gpu"})
+    assert ended(store, [orphan])[0].status.value == "succeeded"
+    assert gpu_queue not in unserved(store.queued_by_queue(), served_queues(redis))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.control.queue import can_serve, host_queues, queue_tags, tagged_queue
+from runner.control.queue import can_serve, host_queues, queue_tags, tagged_queue, unserved
 
 
 def test_a_tag_set_names_one_queue_whatever_its_order() -> None:
@@ -32,3 +32,9 @@ def test_a_run_reaches_only_hosts_with_every_tag(host: tuple[str, ...], queue: s
                                                  served: bool) -> None:
     assert can_serve(host, queue) is served
     assert (queue in host_queues(["q"], host)) is served
+
+
+def test_runs_on_a_queue_nobody_serves_are_unserved() -> None:
+    queued = {"q": 3, "q@gpu": 2, "q@big": 0}
+    assert unserved(queued, {"q", "q@big"}) == {"q@gpu": 2}
+    assert unserved(queued, set()) == {"q": 3, "q@gpu": 2}

@@ -24,6 +24,7 @@ from runner.cli.ops.common import (
     settings,
 )
 from runner.control.lifecycle import Lifecycle
+from runner.control.queue import RunQueue, queue_tags, served_queues, unserved
 from runner.control.rows import aware
 from runner.control.store import Store
 from runner.domain import Run, RunStatus, utcnow
@@ -160,6 +161,9 @@ def _collect(cfg: Settings, *, docker: bool, margin: float) -> dict[str, Any]:
         report["db"] = {"ok": True, **db}
         queues = {cfg.queue, *db["queues"]}
         report["redis"] = _redis_facts(cfg, store, queues)
+        if report["redis"].get("ok"):
+            report["unserved"] = unserved(store.queued_by_queue(), served_queues(
+                RunQueue.from_url(cfg.redis_url).redis))
     except RunnerError as exc:
         report["db"] = {"ok": False, "error": exc.message}
         report["redis"] = {"ok": None, "error": "not checked (database unavailable)"}
@@ -213,6 +217,12 @@ def _judge(report: dict[str, Any]) -> tuple[list[str], list[str]]:
         if db["ok"] and db["queued"]["count"] and not live:
             problems.append(f"{db['queued']['count']} queued run(s) and no live worker "
                             "serves their queues")
+        elif live:
+            for queue, count in sorted(report.get("unserved", {}).items()):
+                tags = sorted(queue_tags(queue)[1])
+                needs = f" (needs a host tagged {', '.join(tags)})" if tags else ""
+                problems.append(f"{count} queued run(s) on queue {queue} that no live "
+                                f"worker serves{needs}")
         for w in redis["workers"]:
             if w["alive"] is not True and not str(w["alive"]).startswith("unknown"):
                 warnings.append(f"worker {w['name']} is registered but not alive "
