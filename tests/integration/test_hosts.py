@@ -221,3 +221,48 @@ def test_a_tagged_run_runs_only_on_a_host_with_the_tag_and_waits_for_it(
     gpu_host.start_worker(host_settings, tmp_path, extra={"RUNNER_HOST_TAGS": "gpu"})
     assert ended(store, [orphan])[0].status.value == "succeeded"
     assert gpu_queue not in unserved(store.queued_by_queue(), served_queues(redis))
+
+
+def test_a_killed_host_loses_nothing_and_sweeps_its_engine_when_it_is_back(
+        workers: Hosts, host_settings: Settings, store: Store, tmp_path: Path) -> None:
+    [run_id] = submit_runs(store, host_settings, "sleep", 1, seconds=6)
+    name = wait_until(lambda: running_on(store, run_id), timeout=60,
+                      message="the run never started")
+    assert name is not None
+    dead = host_of(workers, name)
+    wait_until(lambda: live_containers(dead, run_id), timeout=30)
+    dead.kill()  # its workers, its engine and the container, all at once
+    final = ended(store, [run_id], timeout=120)[0]
+    attempts = store.attempts(run_id)
+    assert final.status.value == "succeeded", final
+    assert attempts[0]["error_code"] == "worker_lost" and attempts[1]["host_id"] != name
+    assert len(attempts) == 2
+    # Back up: its engine still holds the dead attempt's container, until the host's
+    # reconciler removes it.
+    dead.workers.clear()
+    dead.engine.start()
+    assert dead.engine.containers(), "the killed engine kept no container to sweep"
+    dead.start_worker(host_settings, tmp_path)
+    wait_until(lambda: not dead.engine.containers(), timeout=60,
+               message="the restarted host never swept its engine")
+
+
+def test_postgres_restarted_while_every_host_runs_ends_each_run_once(
+        workers: Hosts, host_settings: Settings, store: Store) -> None:
+    ids = submit_runs(store, host_settings, "sleep", 6, seconds=2)
+    wait_until(lambda: sum(running_on(store, i) is not None for i in ids) >= 2, timeout=60,
+               message="the hosts never started the runs")
+    restart = subprocess.run(["bash", "scripts/services.sh", "restart", "postgres"],
+                             capture_output=True, text=True, timeout=120,
+                             cwd=Path(__file__).resolve().parents[2])
+    assert restart.returncode == 0, restart.stderr
+    runs = ended(store, ids, timeout=180)
+    for run in runs:
+        attempts = store.attempts(run.id)
+        # Each ended once: one final status; an attempt cut off by the restart was
+        # retried (worker_lost) and the retry ended it, never two attempts at once.
+        assert run.status.value == "succeeded", (run, attempts)
+        assert [a["number"] for a in attempts] == list(range(1, len(attempts) + 1))
+        assert all(a["finished_at"] is not None for a in attempts)
+    for host in workers:
+        wait_until(lambda h=host: not h.engine.containers(), timeout=60)

@@ -119,9 +119,11 @@ class Engine:
 
     def start(self, timeout: float = 60) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        _ip("link", "add", self.bridge, "type", "bridge")
-        _ip("addr", "add", self.bridge_address, "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
+        if subprocess.run(["ip", "link", "show", self.bridge], capture_output=True,
+                          check=False).returncode != 0:  # a restart keeps its bridge
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("addr", "add", self.bridge_address, "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
         config = self.root / "daemon.json"
         config.write_text("{}")
         log = (self.root / "dockerd.log").open("ab")
@@ -152,10 +154,22 @@ class Engine:
         return done.stdout.split() if done.returncode == 0 else []
 
     def kill(self) -> None:
-        """SIGKILL the daemon (its containers' shims live on until `stop`)."""
+        """The engine dies with its host: SIGKILL every container's first process (its
+        pid namespace goes with it), the daemon, its containerd and the shims."""
+        for container in self.containers():
+            pid = self.docker("inspect", "-f", "{{.State.Pid}}", container, check=False)
+            if pid.stdout.strip().isdigit() and int(pid.stdout) > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid.stdout), signal.SIGKILL)
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+        self._kill_shims()
+
+    def _kill_shims(self) -> None:
+        """containerd and the shims of this engine (started under its exec root)."""
+        subprocess.run(["pkill", "-9", "-f", f"{self.root}/exec"], capture_output=True,
+                       check=False)
 
     def stop(self) -> None:
         """Remove its containers, stop it, and unmount what it left mounted."""
@@ -169,8 +183,7 @@ class Engine:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=30)
         # containerd-shims of a killed daemon keep their containers' processes: kill them.
-        subprocess.run(["pkill", "-9", "-f", f"-namespace moby -address {self.root}"],
-                       capture_output=True, check=False)
+        self._kill_shims()
         for mount in reversed(mounts_under(self.root)):
             subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
