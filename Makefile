@@ -5,7 +5,7 @@ VENV := var/venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: bootstrap services images demo down test lint typecheck unit integration bench clean ops-test bench-scale bench-hostile bench-files
+.PHONY: bootstrap services images demo down test lint typecheck unit integration bench clean ops-test bench-scale bench-hostile bench-files bench-capacity
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -55,6 +55,10 @@ bench-hostile: services images
 # Files in, files out: upload, download, delivery and reuse, each against its baseline.
 bench-files: services images
 	@$(BIN)/python bench/files.py
+
+# Capacity by simulation: runs/s and claim latency of one control plane against simulated hosts.
+bench-capacity: services
+	@$(BIN)/python bench/capacity.py
 
 # docker-compose stack end to end, and every runbook's commands against a real stack.
 ops-test: services images
