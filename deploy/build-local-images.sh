@@ -95,7 +95,8 @@ wheelhouse() {
   [ -x "$pip" ] || { echo "error: $pip missing; run 'make bootstrap' first" >&2; exit 1; }
   wanted=$("$ROOT/var/venv/bin/python" -c 'import tomllib
 print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
-  if [ "$FORCE" = 0 ] && [ "$(cat "$WHEELS/requirements.txt" 2>/dev/null)" = "$wanted" ]; then
+  if [ "$FORCE" = 0 ] && [ "$(cat "$WHEELS/requirements.txt" 2>/dev/null)" = "$wanted" ] &&
+      ls "$WHEELS"/debs/libmagic1_*.deb >/dev/null 2>&1; then
     log "wheelhouse present ($WHEELS)"; return
   fi
   local part
@@ -131,8 +132,13 @@ print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependenc
     log "the image's python also needs $missing"
     "${fetch[@]}" "$missing"
   done
+  # python-magic needs libmagic, which the minbase image lacks: the Debian packages go
+  # with the wheels (the same suite as the image), installed by deploy/install-app.sh.
+  mkdir -p "$part/debs"
+  (cd "$part/debs" && apt-get download -qq libmagic1 libmagic-mgc) ||
+    { echo "error: apt-get download libmagic1 libmagic-mgc failed" >&2; exit 1; }
   rm -rf "$WHEELS" && mv "$part" "$WHEELS"
-  log "wheelhouse built: $(ls "$WHEELS"/*.whl | wc -l) wheels"
+  log "wheelhouse built: $(ls "$WHEELS"/*.whl | wc -l) wheels, $(ls "$WHEELS"/debs | wc -l) debs"
 }
 
 python_base

@@ -17,6 +17,14 @@ else
     "$build/pyproject.toml" >"$build/requirements.txt"
   /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r "$build/requirements.txt"
 fi
+# libmagic for python-magic (media types of files and artifacts): offline from the
+# Debian packages beside the wheels; elsewhere from the image's own apt sources.
+if ls "$build"/wheels/debs/*.deb >/dev/null 2>&1; then
+  dpkg -i "$build"/wheels/debs/*.deb >/dev/null
+elif ! ls /usr/lib/*/libmagic.so.1 >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends libmagic1 >/dev/null
+  rm -rf /var/lib/apt/lists/*
+fi
 groupadd --system --gid 10001 runner-app
 useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
   --shell /usr/sbin/nologin runner-app

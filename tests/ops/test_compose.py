@@ -157,7 +157,8 @@ def test_compose_stack_runs_a_published_processor(stack: Stack) -> None:
 
     ready = http.get("/readyz")
     assert ready.status_code == 200, ready.text
-    assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "manifest": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "manifest": "ok",
+                                      "schema": "ok"}
 
     # Hardening that docs/compose.md promises: loopback-only ports, unprivileged app.
     for container in stack.containers():
