@@ -22,6 +22,7 @@ from api.downloads import byte_range, stored_response
 from api.schemas import ArtifactList, ArtifactOut, ErrorOut, FileOut
 from runner.control.blobs import BlobUpload
 from runner.control.mediatype import normalise
+from runner.domain import Run
 from runner.errors import InvalidRequestError, PayloadTooLargeError
 
 log = structlog.get_logger(__name__)
@@ -155,9 +156,21 @@ def get_artifact(run_id: str, name: Annotated[str, Path(max_length=1024)],
                                                       description=RANGE_DOC)] = None,
                  ) -> StreamingResponse:
     """One artifact's bytes, as an attachment with its sniffed media type."""
-    run = run_or_404(svc, run_id, who.tenant)
+    return artifact_response(svc, run_or_404(svc, run_id, who.tenant), name,
+                             attempt=attempt, range_header=range_)
+
+
+def artifact_response(svc: Services, run: Run, name: str, *, attempt: int | None,
+                      range_header: str | None) -> StreamingResponse:
+    """The artifact `name` of an attempt of `run` (the last one by default), streamed
+    with the attachment headers; the API's route and the dashboard's download share it.
+
+    Raises:
+        NotFoundError: the attempt left no such artifact.
+        RangeNotSatisfiableError: the range is outside it.
+    """
     found = svc.files.artifact(run.id, run.attempt if attempt is None else attempt, name)
-    part = byte_range(range_, found.size)
+    part = byte_range(range_header, found.size)
     start, end = part or (0, found.size)
     read = (svc.files.content(run.tenant, found.sha256, start=start, end=end)
             if end > start else None)

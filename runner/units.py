@@ -48,3 +48,15 @@ def parse_duration(value: int | float | str) -> float:
     if not match:
         raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 5m, 500ms)")
     return float(match.group(1)) * _DURATION_FACTORS[match.group(2)]
+
+
+def seconds_text(value: float) -> str:
+    """A duration for people: `0.35 s`, `1.2 s`, `4.5 min`, `2.0 h` (the dashboard's
+    charts and `runner ops report` write durations the same way)."""
+    if value < 1:
+        return f"{value:.2f} s"
+    if value < 100:
+        return f"{value:.1f} s"
+    if value < 3600:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.1f} h"

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from html import escape
 
 from runner.control.overview import STATUS_ORDER, MinuteCount, ProcessorFigures
+from runner.units import seconds_text
 
 # One fixed colour per final status, so a colour means the same on every page.
 STATUS_COLOURS = {
@@ -39,17 +40,6 @@ MINUTE = timedelta(minutes=1)
 def _num(value: float) -> str:
     """A coordinate, short: two decimals at most."""
     return f"{round(value, 2):g}"
-
-
-def seconds_text(value: float) -> str:
-    """A duration for people: `0.35 s`, `1.2 s`, `4.5 min`, `2.0 h`."""
-    if value < 1:
-        return f"{value:.2f} s"
-    if value < 100:
-        return f"{value:.1f} s"
-    if value < 3600:
-        return f"{value / 60:.1f} min"
-    return f"{value / 3600:.1f} h"
 
 
 def _svg(width: float, height: float, label: str, body: list[str]) -> str:

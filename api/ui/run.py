@@ -17,7 +17,8 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.deps import Services, run_or_404
-from api.downloads import byte_range, disposition, stored_response
+from api.downloads import disposition, stored_response
+from api.files import artifact_response
 from api.ui.access import State, Svc, User
 from api.ui.security import UiRoute, templates
 from api.ui.templating import when
@@ -105,14 +106,8 @@ def run_artifact(run_id: str, name: Annotated[str, Path(max_length=1024)], user:
                  range_: Annotated[str | None, Header(alias="Range", max_length=200)] = None,
                  ) -> Response:
     """One artifact, with the API's attachment headers."""
-    run = run_or_404(svc, run_id, user.tenant)
-    found = svc.files.artifact(run.id, run.attempt if attempt is None else attempt, name)
-    part = byte_range(range_, found.size)
-    start, end = part or (0, found.size)
-    read = (svc.files.content(run.tenant, found.sha256, start=start, end=end)
-            if end > start else None)
-    return stored_response(read, size=found.size, media_type=found.media_type,
-                           filename=found.name, part=part, sha256=found.sha256)
+    return artifact_response(svc, run_or_404(svc, run_id, user.tenant), name,
+                             attempt=attempt, range_header=range_)
 
 
 @router.get("/ui/files/{file_id}")

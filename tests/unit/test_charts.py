@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from api.ui.charts import durations_svg, runs_per_minute_svg, seconds_text
+from api.ui.charts import durations_svg, runs_per_minute_svg
 from runner.control.overview import MinuteCount, ProcessorFigures
+from runner.units import seconds_text
 
 SVG = "{http://www.w3.org/2000/svg}"
 NOON = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

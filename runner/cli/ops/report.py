@@ -19,6 +19,7 @@ from runner.control.overview import FAILING_MIN_RUNS, FAILING_RATE, Overview, Ov
 from runner.control.store import Store
 from runner.domain import utcnow
 from runner.errors import RunnerError
+from runner.units import seconds_text
 
 _BACKTICKS = re.compile(r"`+")
 
@@ -37,15 +38,7 @@ def _moment(value: datetime) -> str:
 
 
 def _seconds(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    if value < 1:
-        return f"{value:.2f} s"
-    if value < 100:
-        return f"{value:.1f} s"
-    if value < 3600:
-        return f"{value / 60:.1f} min"
-    return f"{value / 3600:.1f} h"
+    return "n/a" if value is None else seconds_text(value)
 
 
 def _percent(part: int | float | None, whole: int | float = 1) -> str:
