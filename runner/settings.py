@@ -62,6 +62,15 @@ class Settings(BaseSettings):
     key_requests_per_second: int = Field(default=50, ge=0)
     tenant_submissions_per_minute: int = Field(default=600, ge=0)
     tenant_max_active_runs: int = Field(default=1000, ge=0)
+    # Fair dequeue (docs/operators.md, "Fairness"): each tenant's runs wait in lanes of
+    # their own, one per priority, and workers take tenants in turn; a tenant's weight
+    # is how many runs it gets per turn ("big=4,batch=1"; others 1). "off" puts every
+    # run on its queue's one FIFO list, as releases before 0009 did: for the APIs of a
+    # rolling upgrade while workers from before it still run.
+    fair_dequeue: Literal["on", "off"] = "on"
+    tenant_weights: str = Field(default="", pattern=r"^([^=,\s]+=[1-9][0-9]{0,2}(,|$))*$")
+    # The most items one POST /v1/runs/batch may carry (the contract's cap is 1000).
+    batch_max_items: int = Field(default=1000, ge=1, le=1000)
     follow_max_seconds: float = Field(default=600.0, gt=0)
     # Log follows (GET .../logs?follow=true) held open at once, per API key and per API
     # process; past either the answer is 429 / 503 with Retry-After.
@@ -197,6 +206,12 @@ class Settings(BaseSettings):
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"{prefix!r} is not a URL prefix (https://host[:port]/path)")
         return value
+
+    @property
+    def tenant_weight_map(self) -> dict[str, int]:
+        """RUNNER_TENANT_WEIGHTS as {tenant: weight} (the pattern has checked it)."""
+        pairs = (item.split("=", 1) for item in self.tenant_weights.split(",") if item)
+        return {tenant: int(weight) for tenant, weight in pairs}
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -46,6 +46,30 @@ class RateLimiter:
             raise RateLimitedError(f"{what}: over {limit} per {window_seconds}s; "
                                    f"retry after {retry_after}s", retry_after=retry_after)
 
+    def take(self, name: str, n: int, *, limit: int, window_seconds: int) -> int:
+        """Count up to `n` events against `limit` per window, as many as still fit:
+        how many were taken (all `n` with the limit off or Redis down). A batch of runs
+        counts its items, not its one request; the part refused is given back, so a
+        refused item costs the tenant nothing."""
+        if limit <= 0 or n <= 0:
+            return max(n, 0)
+        window = int(time.time() // window_seconds)
+        count = self._count(name, window, window_seconds, by=n)
+        if count is None:
+            return n
+        taken = max(0, min(n, limit - (count - n)))
+        if taken < n:
+            try:
+                self.redis.decrby(f"{self.prefix}:{name}:{window}", n - taken)
+            except RedisError as exc:
+                log.warning("rate_limit_unavailable", name=name, error=str(exc))
+        return taken
+
+    def retry_after(self, window_seconds: int) -> int:
+        """Whole seconds until the current window of `window_seconds` ends."""
+        now = time.time()
+        return max(1, math.ceil((int(now // window_seconds) + 1) * window_seconds - now))
+
     def check_block(self, name: str, *, what: str) -> None:
         """Refuse while `name` is blocked by `strike`; counts nothing.
 
@@ -75,13 +99,14 @@ class RateLimiter:
         except RedisError as exc:
             log.warning("rate_limit_unavailable", name=name, error=str(exc))
 
-    def _count(self, name: str, window: int, window_seconds: int) -> int | None:
-        """One more event of `name` in clock window `window`: the count so far, or None
-        when Redis cannot be reached (logged; the caller lets the request through)."""
+    def _count(self, name: str, window: int, window_seconds: int, *,
+               by: int = 1) -> int | None:
+        """`by` more events of `name` in clock window `window`: the count so far, or
+        None when Redis cannot be reached (logged; the caller lets the request through)."""
         key = f"{self.prefix}:{name}:{window}"
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.incr(key)
+            pipe.incrby(key, by)
             pipe.expire(key, window_seconds + 1)
             return int(pipe.execute()[0])
         except RedisError as exc:
