@@ -96,7 +96,7 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, *, tracer: trace.Tracer | None = None) -> Services:
         """`tracer` defaults to one built from the trace settings (a no-op when off)."""
-        queue = RunQueue.from_url(settings.redis_url)
+        queue = RunQueue.from_url(settings.redis_url, fair=settings.fair_dequeue == "on")
         if tracer is None:
             tracer = tracer_of(build_tracer_provider(settings, "api"))
         store = Store(settings.database_url, pool_size=settings.api_database_pool_size,

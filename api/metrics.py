@@ -120,7 +120,7 @@ class ApiMetrics:
         self.registry.register(RunsCollector(services.store))
         self.registry.register(UnservedCollector(services.store, services.queue.redis))
         self.registry.register(ManifestCollector(manifests))
-        self.registry.register(QueueDepthCollector(services.queue.redis, queues))
+        self.registry.register(QueueDepthCollector(services.queue.depths, queues))
 
     def webhook_outcome(self, outcome: str) -> None:
         """One attempt of this process's webhook sender (`WebhookSender.start`)."""

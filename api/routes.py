@@ -133,7 +133,7 @@ def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
                    idempotency_key=idempotency_key,
                    traceparent=traceparent(trace.get_current_span()),
                    files=body.files, reuse=reuse, reuse_max_age=max_age,
-                   webhook_url=body.webhook_url),
+                   webhook_url=body.webhook_url, priority=body.priority),
         manifest=svc.manifests.current(), store=svc.store, queue=svc.queue,
         **svc.submit_options())
     if run.reused_from is not None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
-from runner.domain import Run, RunStatus
+from runner.domain import Priority, Run, RunStatus
 
 MAX_LABELS = 32
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._/-]{0,62}$")]
@@ -53,6 +53,10 @@ class RunCreate(BaseModel):
                     "the run ends; must be under one of the operator's "
                     "RUNNER_WEBHOOK_ALLOWED_URLS prefixes (http or https, no user:pass@, "
                     "no #fragment)")
+    priority: Priority = Field(
+        default=Priority.NORMAL,
+        description="high, normal or low: the order among this tenant's own queued runs "
+                    "(tenants take turns whatever their runs' priorities)")
 
 
 class ArtifactOut(BaseModel):
@@ -151,6 +155,8 @@ class RunOut(BaseModel):
     reused_from: str | None = Field(
         default=None, description="The succeeded run whose result and artifacts this "
                                   "run reuses; no container ran for it")
+    priority: Priority = Field(default=Priority.NORMAL,
+                               description="The order among the tenant's own queued runs")
     attempts: list[AttemptOut] | None = Field(
         default=None, description="Every attempt (on GET /v1/runs/{id} only)")
     last_log_lines: list[str] | None = Field(
@@ -170,7 +176,8 @@ class RunOut(BaseModel):
         return cls(
             next_attempt_at=run.next_attempt_at if run.status is RunStatus.QUEUED else None,
             error_stage=run.error_stage, cancel_requested=run.cancel_requested_at is not None,
-            replay_of=run.replay_of, files=run.files, reused_from=run.reused_from, **extra,
+            replay_of=run.replay_of, files=run.files, reused_from=run.reused_from,
+            priority=run.priority, **extra,
             id=run.id, status=run.status, processor=run.processor, version=run.version,
             image=run.image, input=run.input, result=run.result, exit_code=run.exit_code,
             error_code=run.error_code, error_message=run.error_message, attempt=run.attempt,

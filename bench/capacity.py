@@ -57,7 +57,6 @@ import docker
 import httpx
 import psycopg
 from redis import Redis
-from rq import Queue
 from rq.timeouts import TimerDeathPenalty
 from sqlalchemy.engine import make_url
 
@@ -66,6 +65,7 @@ from bench.stack import ROOT, Stack, quantile, stack
 from bench.suite import API_LIMITS, machine
 from runner.control.files import catalog_for
 from runner.control.keys import Keys
+from runner.control.lanes import LaneQueue
 from runner.control.ledger import Ledger
 from runner.control.lifecycle import Claim, ClaimStatus, Heartbeat, Lifecycle
 from runner.control.notify import RunEndNotice
@@ -74,7 +74,12 @@ from runner.control.store import Store
 from runner.domain import Finish, NewRun, Role
 from runner.execution.files import WorkerFiles
 from runner.execution.wiring import WorkerServices
-from runner.execution.worker import REQUEUE_SECONDS, RunnerWorker, current_executor
+from runner.execution.worker import (
+    REQUEUE_SECONDS,
+    RunnerWorker,
+    current_executor,
+    fair_queues,
+)
 from runner.manifest import ManifestSource
 from runner.observability.logsetup import configure_logging
 from runner.observability.telemetry import NullStages, StageObserver
@@ -236,8 +241,9 @@ def serve_host(services: WorkerServices) -> None:
     """One host: the RQ loop of `runner worker`, on the wiring's own executor."""
     current_executor.set(services.executor())
     redis = services.queue.redis
-    worker = HostWorker([Queue(services.settings.queue, connection=redis)], connection=redis,
-                        name=f"{services.settings.worker_id}-{os.getpid()}")
+    worker = HostWorker(fair_queues(services.settings, redis, [services.settings.queue]),
+                        connection=redis, name=f"{services.settings.worker_id}-{os.getpid()}",
+                        queue_class=LaneQueue)
     worker.work(logging_level="WARNING", with_scheduler=False)
 
 
@@ -378,7 +384,7 @@ class Feeder:
         self.posts: list[tuple[float, float, int]] = []  # (wall clock at the end, s, status)
         self.depths: list[tuple[float, int]] = []
         self._stop = threading.Event()
-        self._redis, self._key = Redis.from_url(redis_url), f"rq:queue:{queue}"
+        self._queue, self._name = RunQueue.from_url(redis_url), queue
         self._threads = [threading.Thread(target=self._post, args=(url, keys[i % len(keys)]),
                                           daemon=True) for i in range(CLIENT_THREADS)]
         self._threads.append(threading.Thread(target=self._watch, daemon=True))
@@ -387,7 +393,7 @@ class Feeder:
 
     def _watch(self) -> None:
         while not self._stop.wait(0.02):
-            self.depth = int(self._redis.llen(self._key))  # type: ignore[arg-type]
+            self.depth = self._queue.depths([self._name])[self._name]
             self.depths.append((time.time(), self.depth))
 
     def _post(self, url: str, key: str) -> None:

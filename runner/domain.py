@@ -55,6 +55,15 @@ class Role(StrEnum):
     ADMIN = "admin"
 
 
+class Priority(StrEnum):
+    """How a run is ordered among its own tenant's queued runs (tenants take turns
+    regardless: runner/control/lanes.py)."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
 @dataclass(frozen=True)
 class NewRun:
     tenant: str
@@ -79,6 +88,7 @@ class NewRun:
     reused_from: str | None = None
     result: Any = None
     artifacts: tuple[Artifact, ...] = ()
+    priority: Priority = Priority.NORMAL
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,7 @@ class Run:
     reused_from: str | None = None
     # The last attempt's artifacts, where the reader asked for them (else empty).
     artifacts: tuple[Artifact, ...] = ()
+    priority: Priority = Priority.NORMAL
 
 
 @dataclass(frozen=True)

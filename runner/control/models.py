@@ -77,6 +77,9 @@ class RunRow(Base):
     reused_from: Mapped[str | None] = mapped_column(String(36), nullable=True)
     # Where the run's end is POSTed (runner/control/webhooks.py), checked at submission.
     webhook_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    # high, normal or low: the order among the tenant's own queued runs (0009).
+    priority: Mapped[str] = mapped_column(String(8), nullable=False, default="normal",
+                                          server_default="normal")
 
     __table_args__ = (
         Index("ix_runs_tenant_id", "tenant", "id"),

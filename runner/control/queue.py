@@ -12,6 +12,7 @@ import contextlib
 import itertools
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -19,7 +20,8 @@ from rq import Queue, Worker
 from rq.job import Job
 from rq.utils import utcparse
 
-from runner.domain import Run
+from runner.control.lanes import LaneQueue, queue_depths
+from runner.domain import Priority, Run
 from runner.errors import ServiceUnavailableError
 
 JOB_FUNCTION = "runner.execution.worker.perform"
@@ -31,6 +33,12 @@ HELD_STATES = {b"queued", b"deferred"}
 # take (milliseconds; seconds on a starved machine): past that, a run still queued in
 # the database means its worker died between dequeue and claim, and the job is lost.
 STARTED_HOLD_SECONDS = 5.0
+
+
+def _call_options(options: dict[str, Any]) -> dict[str, Any]:
+    """`Queue.enqueue` options as `enqueue_call` names them."""
+    renamed = {"job_timeout": "timeout"}
+    return {renamed.get(k, k): v for k, v in options.items()}
 
 
 def job_id(run_id: str, attempt: int) -> str:
@@ -101,21 +109,37 @@ def unserved(queued: Mapping[str, int], served: Collection[str]) -> dict[str, in
 
 
 class RunQueue:
-    """Puts run attempts on the RQ queue each run's processor is routed to."""
+    """Puts run attempts on the RQ queue each run's processor is routed to: in the
+    run's tenant lane (`fair`, runner/control/lanes.py), or on the queue's one FIFO
+    list (RUNNER_FAIR_DEQUEUE=off, as releases before 0009 did)."""
 
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self._queues: dict[str, Queue] = {}
+    def __init__(self, redis: Redis, *, fair: bool = True) -> None:
+        self.redis, self.fair = redis, fair
+        self._queues: dict[tuple[str, str, Priority], Queue] = {}
 
     @classmethod
-    def from_url(cls, url: str) -> RunQueue:
+    def from_url(cls, url: str, *, fair: bool = True) -> RunQueue:
         return cls(Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
-                                  health_check_interval=30))
+                                  health_check_interval=30), fair=fair)
 
-    def _queue(self, name: str) -> Queue:
-        if name not in self._queues:
-            self._queues[name] = Queue(name, connection=self.redis)
-        return self._queues[name]
+    def _queue(self, run: Run) -> Queue:
+        lane = (run.tenant, run.priority) if self.fair else ("", Priority.NORMAL)
+        key = (run.queue, *lane)
+        if key not in self._queues:
+            if len(self._queues) > 4096:  # many tenants: keep the cache bounded
+                self._queues.clear()
+            self._queues[key] = LaneQueue(run.queue, connection=self.redis,
+                                          lane=lane if self.fair else None)
+        return self._queues[key]
+
+    @staticmethod
+    def _job_options(run: Run, stop_grace_seconds: float) -> dict[str, Any]:
+        attempt = run.attempt + 1
+        timeout = int(run.timeout_seconds + stop_grace_seconds + JOB_TIMEOUT_MARGIN_SECONDS)
+        # A retry goes to the front: the run has waited its turn once already.
+        return {"job_id": job_id(run.id, attempt), "job_timeout": timeout,
+                "at_front": attempt > 1, "result_ttl": 0, "failure_ttl": 7 * 24 * 3600,
+                "description": f"run {run.id} attempt {attempt} ({run.processor})"}
 
     def enqueue(self, run: Run, *, stop_grace_seconds: float = 5.0) -> None:
         """Queue the run's next attempt now.
@@ -128,14 +152,39 @@ class RunQueue:
         Raises:
             ServiceUnavailableError: Redis cannot be reached.
         """
-        attempt = run.attempt + 1
-        timeout = int(run.timeout_seconds + stop_grace_seconds + JOB_TIMEOUT_MARGIN_SECONDS)
-        # A retry goes to the front: the run has waited its turn once already.
-        options = {"job_id": job_id(run.id, attempt), "job_timeout": timeout,
-                   "at_front": attempt > 1, "result_ttl": 0, "failure_ttl": 7 * 24 * 3600,
-                   "description": f"run {run.id} attempt {attempt} ({run.processor})"}
         try:
-            self._queue(run.queue).enqueue(JOB_FUNCTION, run.id, attempt, **options)
+            self._queue(run).enqueue(JOB_FUNCTION, run.id, run.attempt + 1,
+                                     **self._job_options(run, stop_grace_seconds))
+        except RedisError as exc:
+            raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
+
+    def enqueue_many(self, runs: Sequence[Run], *, stop_grace_seconds: float = 5.0) -> None:
+        """Queue each run's next attempt, all in one pipeline (one round trip): a batch.
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached (then none of them may be
+                queued; the database has them, and the reconciler queues them).
+        """
+        if not runs:
+            return
+        try:
+            pipe = self.redis.pipeline()
+            for run in runs:
+                self._queue(run).enqueue_call(
+                    JOB_FUNCTION, args=(run.id, run.attempt + 1), pipeline=pipe,
+                    **_call_options(self._job_options(run, stop_grace_seconds)))
+            pipe.execute()
+        except RedisError as exc:
+            raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
+
+    def depths(self, queues: Sequence[str]) -> dict[str, int]:
+        """Runs waiting on each queue (all its lanes and its RQ list).
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached.
+        """
+        try:
+            return queue_depths(self.redis, queues)
         except RedisError as exc:
             raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from runner.control.models import RunRow
-from runner.domain import Run, RunStatus, utcnow
+from runner.domain import Priority, Run, RunStatus, utcnow
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -37,4 +37,5 @@ def run_from_row(row: RunRow) -> Run:
         replay_of=row.replay_of, idempotency_key=row.idempotency_key,
         request_hash=row.request_hash, traceparent=row.traceparent,
         files=dict(row.files or {}), reuse_key=row.reuse_key, reused_from=row.reused_from,
+        priority=Priority(row.priority or Priority.NORMAL),
     )

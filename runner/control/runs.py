@@ -21,7 +21,7 @@ from runner.control.queue import RunQueue, tagged_queue
 from runner.control.store import Store
 from runner.control.strictjson import check_strict_json
 from runner.control.webhooks import WebhookRules
-from runner.domain import Artifact, NewRun, Run, utcnow
+from runner.domain import Artifact, NewRun, Priority, Run, utcnow
 from runner.errors import (
     ConflictError,
     InvalidInputError,
@@ -61,6 +61,8 @@ class Submission:
     reuse_max_age: float | None = None
     # Where the run's end is POSTed (runner/control/webhooks.py).
     webhook_url: str | None = None
+    # The order among the tenant's own queued runs (tenants take turns regardless).
+    priority: Priority = Priority.NORMAL
 
     def fingerprint(self) -> str:
         """A hash of what was asked for, to tell a true retry from a reused key."""
@@ -72,6 +74,8 @@ class Submission:
                         reuse_max_age=self.reuse_max_age)
         if self.webhook_url is not None:  # likewise
             body["webhook_url"] = self.webhook_url
+        if self.priority is not Priority.NORMAL:  # likewise
+            body["priority"] = self.priority.value
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -226,7 +230,7 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         reused_from=(hit.reused_from or hit.id) if hit is not None else None,
         result=hit.result if hit is not None else None,
         artifacts=tuple(file_rules.artifacts_of(hit)) if hit is not None and file_rules
-        else (),
+        else (), priority=submission.priority,
     ), max_active=max_active, webhook_url=submission.webhook_url)
     if not created:
         log.info("run_submission_replayed", run_id=run.id, tenant=run.tenant)
@@ -280,7 +284,7 @@ def replay(run_id: str, *, tenant: str | None, manifest: Manifest, store: Store,
                              version=original.version, input=original.input,
                              timeout_seconds=timeout, labels=original.labels,
                              replay_of=original.id, traceparent=traceparent,
-                             files=original.files,
+                             files=original.files, priority=original.priority,
                              webhook_url=webhook_url_of(store, original.id)),
                   manifest=manifest, store=store, queue=queue, default_queue=default_queue,
                   stop_grace_seconds=stop_grace_seconds, input_max_bytes=input_max_bytes,

@@ -199,6 +199,7 @@ class Store(StoreLogs, StoreReports):
             reused_from=new.reused_from, result=new.result if reused else None,
             started_at=now if reused else None, finished_at=now if reused else None,
             exit_code=0 if reused else None, webhook_url=webhook_url,
+            priority=new.priority.value,
         )
         if max_active > 0:
             self._ensure_tenant(new.tenant)

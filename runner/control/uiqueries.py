@@ -16,9 +16,10 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue, Worker
+from rq import Worker
 from sqlalchemy import func, select
 
+from runner.control.lanes import queue_depths as lane_depths
 from runner.control.models import RunRow
 from runner.control.rows import aware
 from runner.control.store import Store, decode_cursor, encode_cursor, is_run_id
@@ -200,12 +201,12 @@ def registered_workers(redis: Redis, queues: Collection[str]) -> list[WorkerInfo
 
 
 def queue_depths(redis: Redis, queues: Collection[str]) -> dict[str, int]:
-    """Jobs waiting in each RQ queue (all tenants': the queue is shared).
+    """Jobs waiting in each queue (all tenants' lanes: the queue is shared).
 
     Raises:
         ServiceUnavailableError: Redis cannot be reached.
     """
     try:
-        return {name: int(Queue(name, connection=redis).count) for name in sorted(queues)}
+        return lane_depths(redis, sorted(queues))
     except RedisError as exc:
         raise ServiceUnavailableError(f"redis unavailable: {exc}") from exc

@@ -218,6 +218,7 @@ def run_document(run: Run, artifacts: Sequence[Artifact]) -> dict[str, Any]:
         "error_stage": run.error_stage, "cancel_requested": run.cancel_requested_at is not None,
         "replay_of": run.replay_of, "files": run.files,
         "artifacts": [a.public() for a in artifacts], "reused_from": run.reused_from,
+        "priority": run.priority.value,
     }
 
 

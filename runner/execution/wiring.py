@@ -46,7 +46,7 @@ def control_side(settings: Settings, *, store: Store | None = None
     """The database and Redis side of a process: its store, queue and ledger, with the
     run-end notice listening on every final status."""
     store = store or Store(settings.database_url)
-    queue = RunQueue.from_url(settings.redis_url)
+    queue = RunQueue.from_url(settings.redis_url, fair=settings.fair_dequeue == "on")
     lifecycle = Lifecycle(store, listeners=[RunEndNotice(queue.redis, settings.instance)])
     return store, queue, Ledger(store, lifecycle)
 

@@ -31,9 +31,9 @@ from typing import Any
 import structlog
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue
 from rq.worker import SimpleWorker
 
+from runner.control.lanes import LaneQueue, TenantTurns
 from runner.control.migrate import require_current_schema
 from runner.control.queue import host_queues
 from runner.errors import RunnerError, ServiceUnavailableError
@@ -154,6 +154,13 @@ def _readiness(settings: Settings, services: WorkerServices) -> dict[str, Callab
             "database": services.ledger.ping, "manifest": services.manifests.current}
 
 
+def fair_queues(settings: Settings, redis: Redis, names: list[str]) -> list[LaneQueue]:
+    """The queues a worker serves, in order, its tenants taking turns within each
+    (runner/control/lanes.py; a tenant's weight is its runs per turn)."""
+    turns = TenantTurns(settings.tenant_weight_map)
+    return [LaneQueue(name, connection=redis, turns=turns) for name in names]
+
+
 def run_worker(settings: Settings, *, queues: list[str] | None = None,
                burst: bool = False, fault: FaultHook | None = None) -> None:
     """Serve jobs from `queues` (in priority order) until stopped.
@@ -168,7 +175,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None,
     services = WorkerServices.build(settings)
     assert services.sandbox is not None
     sandbox, queue = services.sandbox, services.queue
-    metrics = WorkerMetrics(services.manifests, redis=queue.redis, queues=names)
+    metrics = WorkerMetrics(services.manifests, depths=queue.depths, queues=names)
     provider = build_tracer_provider(settings, "worker")
     executor = services.executor(tracer=tracer_of(provider), metrics=metrics,
                                  fault=fault or no_fault)
@@ -188,8 +195,8 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None,
     if services.webhooks is not None:  # its own thread: a receiver never delays a run
         services.webhooks.start(observe=metrics.webhook_outcome)
     current_executor.set(executor)
-    worker = RunnerWorker([Queue(n, connection=queue.redis) for n in names],
-                          connection=queue.redis, name=f"{settings.worker_id}-{os.getpid()}")
+    worker = RunnerWorker(fair_queues(settings, queue.redis, names), connection=queue.redis,
+                          name=f"{settings.worker_id}-{os.getpid()}", queue_class=LaneQueue)
     worker.drain_timeout_seconds = settings.drain_timeout_seconds
     log.info("worker_started", queues=names, host_id=settings.host_id,
              host_tags=settings.host_tag_list, manifest=str(settings.manifest),

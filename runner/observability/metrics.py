@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +18,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from redis import Redis
 
 from runner.domain import RunStatus
 from runner.manifest import ManifestSource
@@ -58,10 +57,12 @@ class ManifestCollector(Collector):
 
 
 class QueueDepthCollector(Collector):
-    """Jobs waiting in each RQ queue (LLEN), read at scrape time."""
+    """Jobs waiting in each queue (its tenants' lanes and its RQ list), read at scrape
+    time."""
 
-    def __init__(self, redis: Redis, queues: Callable[[], list[str]]) -> None:
-        self.redis, self.queues = redis, queues
+    def __init__(self, depths: Callable[[list[str]], Mapping[str, int]],
+                 queues: Callable[[], list[str]]) -> None:
+        self.depths, self.queues = depths, queues
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily("runner_queue_depth", "Jobs waiting in the queue",
@@ -69,12 +70,8 @@ class QueueDepthCollector(Collector):
         up = GaugeMetricFamily("runner_redis_up", "1 when Redis answered this scrape")
         try:
             names = sorted(set(self.queues()))
-            with self.redis.pipeline(transaction=False) as pipe:
-                for name in names:
-                    pipe.llen(f"rq:queue:{name}")
-                counts = pipe.execute()
-            for name, count in zip(names, counts, strict=True):
-                depth.add_metric([name], int(count))
+            for name, count in self.depths(names).items():
+                depth.add_metric([name], count)
             up.add_metric([], 1)
         except Exception:  # noqa: BLE001 - Redis (or the manifest) unusable: report it down
             up.add_metric([], 0)
@@ -119,7 +116,8 @@ class WorkerMetrics:
     """Everything one worker process counts; served on its own port."""
 
     def __init__(self, manifests: ManifestSource | None = None, *,
-                 redis: Redis | None = None, queues: list[str] | None = None) -> None:
+                 depths: Callable[[list[str]], Mapping[str, int]] | None = None,
+                 queues: list[str] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.finished = Counter("runner_runs_finished", "Runs that reached a terminal status",
@@ -160,9 +158,9 @@ class WorkerMetrics:
         self.stats = WorkerStats()
         if manifests is not None:
             r.register(ManifestCollector(manifests))
-        if redis is not None:
+        if depths is not None:
             names = list(queues or [])
-            r.register(QueueDepthCollector(redis, lambda: names))
+            r.register(QueueDepthCollector(depths, lambda: names))
 
     def record_finish(self, processor: str, status: RunStatus, *, error_code: str | None,
                       seconds: float | None) -> None:

@@ -60,7 +60,7 @@ def blocked_on_an_empty_queue(redis_url: str, queue: str) -> bool:
     """
     client = redis.Redis.from_url(redis_url)
     try:
-        if client.llen(f"rq:queue:{queue}"):
+        if RunQueue(client).depths([queue])[queue]:
             return False
         return any("b" in c.get("flags", "") and c.get("cmd") in ("blmove", "blpop")
                    for c in client.client_list())

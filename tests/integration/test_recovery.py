@@ -19,6 +19,7 @@ import yaml
 
 from runner.client import ApiError, RunnerClient
 from runner.control.keys import Keys
+from runner.control.lanes import lane_key
 from runner.control.lifecycle import ClaimStatus, Lifecycle
 from runner.control.queue import STARTED_HOLD_SECONDS, RunQueue, job_id
 from runner.control.runs import Submission, submit
@@ -289,11 +290,13 @@ def test_a_due_run_is_enqueued_once_and_a_job_being_claimed_counts_as_held(
         assert queue.holds(run) is False
         assert queue.enqueue_once(run) is True
         assert queue.enqueue_once(run) is False  # the second pass stands back
-        assert queue.redis.llen(f"rq:queue:{run.queue}") == 1
+        lane = lane_key(run.queue, run.tenant, run.priority)
+        assert queue.redis.llen(lane) == 1
+        assert queue.depths([run.queue]) == {run.queue: 1}
         assert queue.holds(run) is True
         # A worker has dequeued it and is claiming it: still held, for a while.
         key = f"rq:job:{job_id(run.id, 1)}"
-        queue.redis.lpop(f"rq:queue:{run.queue}")
+        queue.redis.lpop(lane)
         now = datetime.now(UTC)
         queue.redis.hset(key, mapping={"status": "started",
                                        "started_at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")})
@@ -302,7 +305,8 @@ def test_a_due_run_is_enqueued_once_and_a_job_being_claimed_counts_as_held(
         queue.redis.hset(key, "started_at", stale.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
         assert queue.holds(run) is False  # its worker died between dequeue and claim
     finally:
-        queue.redis.delete(f"rq:job:{job_id(run.id, 1)}", f"rq:queue:{run.queue}")
+        queue.redis.delete(f"rq:job:{job_id(run.id, 1)}",
+                           lane_key(run.queue, run.tenant, run.priority))
         Lifecycle(store).cancel(run.id, tenant=None)
 
 

@@ -61,21 +61,31 @@ def test_a_previous_release_worker_runs_beside_this_one(
         assert "host_id" not in old.events("worker_started")[0]
         assert "host_id" in new.events("worker_started")[0]
         manifests = ManifestSource(upgraded.manifest)
-        queue = RunQueue.from_url(upgraded.redis_url)
-        ids = [submit(Submission(tenant="acme", processor="sleep", version=None,
-                                 input={"seconds": 0.5}),
-                      manifest=manifests.current(), store=store, queue=queue,
-                      default_queue=upgraded.queue, stop_grace_seconds=1).id
-               for _ in range(8)]
 
-        def ended() -> bool:
+        def submit_some(queue: RunQueue, count: int) -> list[str]:
+            return [submit(Submission(tenant="acme", processor="sleep", version=None,
+                                      input={"seconds": 0.5}),
+                           manifest=manifests.current(), store=store, queue=queue,
+                           default_queue=upgraded.queue, stop_grace_seconds=1).id
+                    for _ in range(count)]
+
+        def ended(ids: list[str]) -> bool:
             return all((r := store.get_run(i)) is not None and r.status.terminal for i in ids)
 
-        wait_until(ended, timeout=180, message="the mixed workers did not finish")
-        by = {store.attempts(i)[0]["worker_id"].split("-")[0] for i in ids}
-        finals = [store.get_run(i) for i in ids]
-        assert all(r is not None and r.status.value == "succeeded" for r in finals), finals
-        assert by == {"old", "new"}, by
+        def workers(ids: list[str]) -> set[str]:
+            wait_until(lambda: ended(ids), timeout=180,
+                       message="the mixed workers did not finish")
+            finals = [store.get_run(i) for i in ids]
+            assert all(r is not None and r.status.value == "succeeded" for r in finals), finals
+            return {store.attempts(i)[0]["worker_id"].split("-")[0] for i in ids}
+
+        # While old workers run, the APIs run with RUNNER_FAIR_DEQUEUE=off: every run on
+        # the queue's one list, which workers of both releases serve.
+        assert workers(submit_some(RunQueue.from_url(upgraded.redis_url, fair=False),
+                                   8)) == {"old", "new"}
+        # Fair lanes (the default once every worker is upgraded): only this release's
+        # worker reads them, and none is left behind.
+        assert workers(submit_some(RunQueue.from_url(upgraded.redis_url), 4)) == {"new"}
     finally:
         old.stop()
         if new is not None:

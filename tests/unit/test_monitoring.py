@@ -35,10 +35,13 @@ def exported_names(tmp_path: Path) -> set[str]:
     path = tmp_path / "manifest.yaml"
     path.write_text("version: 1\nprocessors: []\n")
     manifests = ManifestSource(path)
+    def depths(names: list[str]) -> dict[str, int]:
+        raise ConnectionError("redis")
+
     services = SimpleNamespace(manifests=manifests, store=_Down(),
-                               queue=SimpleNamespace(redis=_Down()),
+                               queue=SimpleNamespace(redis=_Down(), depths=depths),
                                settings=SimpleNamespace(queue="runner"))
-    registries = [WorkerMetrics(manifests, redis=_Down(), queues=["runner"]).registry,
+    registries = [WorkerMetrics(manifests, depths=depths, queues=["runner"]).registry,
                   ApiMetrics(services).registry]  # type: ignore[arg-type]
     names: set[str] = set()
     for registry in registries:

@@ -188,7 +188,8 @@ def test_the_metrics_gauge_counts_runs_by_status(store: Store, tmp_path: Path) -
 
     def gauges(services_store: Any) -> dict[str, dict[tuple[Any, ...], float]]:
         services = SimpleNamespace(manifests=ManifestSource(path), store=services_store,
-                                   queue=SimpleNamespace(redis=_Down()),
+                                   queue=SimpleNamespace(redis=_Down(),
+                                                         depths=lambda names: _Down().x),
                                    settings=SimpleNamespace(queue="runner"))
         registry = ApiMetrics(services).registry  # type: ignore[arg-type]
         return {family.name: {tuple(s.labels.items()): s.value for s in family.samples}

@@ -72,14 +72,14 @@ def _running_row(run: Run, now: datetime, *, grace: float) -> dict[str, Any]:
 
 def _redis_facts(cfg: Settings, store: Store, queues: set[str]) -> dict[str, Any]:
     from redis.exceptions import RedisError
-    from rq import Queue, Worker
+    from rq import Worker
 
     from runner.control.queue import RunQueue
 
     queue = RunQueue.from_url(cfg.redis_url)
     try:
         queue.ping()
-        depth = {name: int(Queue(name, connection=queue.redis).count) for name in sorted(queues)}
+        depth = queue.depths(sorted(queues))
         workers = [_worker_row(w) for w in Worker.all(connection=queue.redis)
                    if set(w.queue_names()) & queues]
         cutoff = utcnow() - timedelta(seconds=cfg.reconcile_grace_seconds)

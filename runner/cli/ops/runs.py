@@ -109,7 +109,8 @@ def replay_dead_letters(since: SinceOpt = "1h", processor: ProcessorOpt = None,
                 typer.echo(f"would replay {d['id']} ({d['processor']} {d['error_code']})")
             typer.echo(f"{len(todo)} dead letter(s) to replay; add --yes to replay them")
             return
-        manifest, queue = load_manifest(cfg.manifest), RunQueue.from_url(cfg.redis_url)
+        manifest = load_manifest(cfg.manifest)
+        queue = RunQueue.from_url(cfg.redis_url, fair=cfg.fair_dequeue == "on")
         # The API's rules for the replays' files and webhooks, under these settings.
         files, webhooks = run_files(catalog_for(cfg, store), cfg), WebhookRules.from_settings(cfg)
         failed = 0

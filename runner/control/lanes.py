@@ -1,0 +1,236 @@
+"""Fair dequeue: each tenant's queued runs wait in lanes of their own, and a worker
+takes tenants in turn, so one tenant's backlog of thousands delays another tenant's
+next run by about one run per worker, not by the whole backlog.
+
+A lane is a Redis list of RQ job ids, `runner:lane:<queue>:<priority>:<tenant>`. The
+jobs themselves are RQ's (their hash, status, origin queue and registries are as RQ
+writes them), so the reconciler's `holds` and everything else that reads a job stays
+as it was; only where an id waits changes. `runner:lanes:<queue>` names the lanes
+that ever held a run ("<priority>:<tenant>", written by the push itself), and a push
+that makes a new lane rings `runner:bell:<queue>`, which blocked workers also wait
+on, so they look again and see it.
+
+A worker's `TenantTurns` orders its wait: the tenant whose turn it is first, its
+lanes high, normal, low (priority orders a tenant's own runs), then the tenants after
+it in name order, wrapping around. A tenant keeps the turn for its weight in runs
+(RUNNER_TENANT_WEIGHTS, default 1), then passes it on. RQ's own FIFO list of the
+queue (`rq:queue:<queue>`: runs queued by releases before this one, or with
+RUNNER_FAIR_DEQUEUE=off) takes its turn like one more tenant.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from redis import Redis
+from redis.client import Pipeline
+from rq import Queue
+from rq.exceptions import DequeueTimeout
+from rq.job import Job
+from rq.timeouts import BaseDeathPenalty
+
+from runner.domain import Priority
+
+LANE_PREFIX = "runner:lane:"
+PRIORITY_ORDER = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
+LEGACY = ""  # the pseudo-tenant of the queue's own RQ list
+# A blocked worker looks for new lanes at least this often, even when another worker
+# took the bell that announced them.
+LOOK_AGAIN_SECONDS = 5
+BELL_TOKENS_KEPT = 8
+
+# Push a job id onto its lane; a lane's first push names it and rings the bell.
+_PUSH = """
+if ARGV[3] == '1' then
+  redis.call('LPUSH', KEYS[1], ARGV[1])
+else
+  redis.call('RPUSH', KEYS[1], ARGV[1])
+end
+if redis.call('SADD', KEYS[2], ARGV[2]) == 1 then
+  redis.call('RPUSH', KEYS[3], '1')
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[4]), -1)
+end
+return 1
+"""
+
+
+def lane_key(queue: str, tenant: str, priority: Priority) -> str:
+    return f"{LANE_PREFIX}{queue}:{priority.value}:{tenant}"
+
+
+def lanes_key(queue: str) -> str:
+    return f"runner:lanes:{queue}"
+
+
+def bell_key(queue: str) -> str:
+    return f"runner:bell:{queue}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def lane_members(redis: Redis, queues: Sequence[str]) -> dict[str, dict[str, set[Priority]]]:
+    """Per queue, each tenant that has a lane and the priorities of its lanes (one
+    round trip)."""
+    pipe = redis.pipeline(transaction=False)
+    for name in queues:
+        pipe.smembers(lanes_key(name))
+    found: dict[str, dict[str, set[Priority]]] = {}
+    for name, members in zip(queues, pipe.execute(), strict=True):
+        tenants: dict[str, set[Priority]] = {}
+        for member in members:
+            priority, _, tenant = _text(member).partition(":")
+            try:
+                tenants.setdefault(tenant, set()).add(Priority(priority))
+            except ValueError:  # not written by this code: leave it alone
+                continue
+        found[name] = tenants
+    return found
+
+
+def queue_depths(redis: Redis, queues: Sequence[str]) -> dict[str, int]:
+    """Runs waiting per queue: its lanes and its RQ list together (two round trips)."""
+    members = lane_members(redis, queues)
+    pipe = redis.pipeline(transaction=False)
+    counted: list[str] = []
+    for name in queues:
+        pipe.llen(f"rq:queue:{name}")
+        counted.append(name)
+        for tenant, priorities in members[name].items():
+            for priority in priorities:
+                pipe.llen(lane_key(name, tenant, priority))
+                counted.append(name)
+    depths = dict.fromkeys(queues, 0)
+    for name, length in zip(counted, pipe.execute(), strict=True):
+        depths[name] += int(length)
+    return depths
+
+
+class TenantTurns:
+    """One worker's turn-taking among tenants (weights: runs per turn; default 1)."""
+
+    def __init__(self, weights: Mapping[str, int] | None = None) -> None:
+        self.weights = dict(weights or {})
+        self.current: str | None = None
+        self.used = 0
+
+    def order(self, tenants: Iterable[str]) -> list[str]:
+        """The tenants in the order this worker serves them next."""
+        names = sorted(set(tenants))
+        current = self.current
+        if current is None:
+            return names
+        after = [t for t in names if t > current]
+        before = [t for t in names if t < current]
+        if current not in names:
+            return after + before
+        if self.used < self.weights.get(current, 1):
+            return [current, *after, *before]
+        return [*after, *before, current]
+
+    def served(self, tenant: str) -> None:
+        if tenant == self.current:
+            self.used += 1
+        else:
+            self.current, self.used = tenant, 1
+
+
+class LaneQueue(Queue):
+    """An RQ queue whose pushes go to a tenant's lane (`lane`), and whose workers take
+    tenants in turn (`turns`). Without a lane a push is RQ's own; without turns a
+    dequeue is RQ's own."""
+
+    def __init__(self, name: str = "default", *, lane: tuple[str, Priority] | None = None,
+                 turns: TenantTurns | None = None, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.lane, self.turns = lane, turns
+        self._push = self.connection.register_script(_PUSH) if lane is not None else None
+
+    def push_job_id(self, job_id: str, pipeline: Pipeline | None = None,
+                    at_front: bool = False) -> None:
+        if self.lane is None or self._push is None:
+            super().push_job_id(job_id, pipeline=pipeline, at_front=at_front)
+            return
+        tenant, priority = self.lane
+        client = pipeline if pipeline is not None else self.connection
+        self._push(keys=[lane_key(self.name, tenant, priority), lanes_key(self.name),
+                     bell_key(self.name)],
+               args=[job_id, f"{priority.value}:{tenant}", "1" if at_front else "0",
+                     BELL_TOKENS_KEPT], client=client)
+
+    @classmethod
+    def dequeue_any(cls, queues: Iterable[Queue], timeout: int | None, connection: Redis,
+                    job_class: type[Job] | None = None, serializer: Any = None,
+                    death_penalty_class: type[BaseDeathPenalty] | None = None,
+                    ) -> tuple[Job, Queue] | None:
+        """The next job of `queues` (in their order), tenants taking turns within each.
+
+        `timeout` None: return at once (None when all are empty); else block up to
+        `timeout` seconds, then raise DequeueTimeout, as RQ's does.
+        """
+        queues = list(queues)
+        turns = next((q.turns for q in queues if isinstance(q, LaneQueue) and q.turns), None)
+        if turns is None:
+            return super().dequeue_any(queues, timeout, connection, job_class=job_class,
+                                       serializer=serializer,
+                                       death_penalty_class=death_penalty_class)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            keys, owners = _wait_order(connection, queues, turns)
+            popped = _pop(connection, keys, deadline)
+            if popped is None:
+                if deadline is None:
+                    return None
+                if time.monotonic() >= deadline:
+                    raise DequeueTimeout(timeout, keys)
+                continue
+            key, job_id = _text(popped[0]), _text(popped[1])
+            if key not in owners:  # a bell: look for the new lane
+                continue
+            queue, tenant = owners[key]
+            fetched = cls._fetch_dequeued_job(connection, queue.key, job_id,
+                                              job_class=job_class, serializer=serializer,
+                                              death_penalty_class=death_penalty_class)
+            if fetched is None:  # the job is gone (expired, deleted): the next one
+                continue
+            turns.served(tenant)
+            return fetched
+
+
+def _wait_order(connection: Redis, queues: list[Queue], turns: TenantTurns,
+                ) -> tuple[list[str], dict[str, tuple[Queue, str]]]:
+    """The keys to wait on, in order (each queue's lanes by turn and priority, its RQ
+    list as one more tenant, then the bells), and which queue and tenant owns each."""
+    members = lane_members(connection, [q.name for q in queues])
+    keys: list[str] = []
+    owners: dict[str, tuple[Queue, str]] = {}
+    for queue in queues:
+        tenants = members[queue.name]
+        for tenant in turns.order([*tenants, LEGACY]):
+            if tenant == LEGACY:
+                lane_keys = [queue.key]
+            else:
+                lane_keys = [lane_key(queue.name, tenant, p) for p in PRIORITY_ORDER
+                             if p in tenants[tenant]]
+            for key in lane_keys:
+                keys.append(key)
+                owners[key] = (queue, tenant)
+    keys.extend(bell_key(q.name) for q in queues)
+    return keys, owners
+
+
+def _pop(connection: Redis, keys: list[str], deadline: float | None) -> Any:
+    """(key, value) from the first non-empty key, or None: at once without a deadline,
+    else blocking until the deadline but at most LOOK_AGAIN_SECONDS."""
+    if deadline is None:
+        for key in keys:
+            value = connection.lpop(key)
+            if value is not None:
+                return key, value
+        return None
+    wait = min(LOOK_AGAIN_SECONDS, max(1, math.ceil(deadline - time.monotonic())))
+    return connection.blpop(keys, wait)
