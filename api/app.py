@@ -18,6 +18,7 @@ from fastapi_offline import FastAPIOffline
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.batches import router as batch_router
 from api.deps import Services
 from api.errors import error_response, install_error_handlers
 from api.files import router as files_router
@@ -84,6 +85,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     metrics = ApiMetrics(app.state.services)
     app.state.metrics = metrics
     app.include_router(router)
+    app.include_router(batch_router)
     app.include_router(files_router)
     # The dashboard (docs/dashboard.md): its static files first, so no route shadows them.
     app.mount("/ui/static", ui_static_files(), name="ui-static")
