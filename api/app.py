@@ -39,6 +39,7 @@ log = structlog.get_logger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 UPLOAD_PATH = "/v1/files"
+BATCH_PATH = "/v1/runs/batch"
 OPENAPI_TAGS = [
     {"name": "runs", "description": "Submit, read, follow, cancel and replay runs; their "
                                     "logs and artifacts"},
@@ -111,11 +112,13 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             length = int(request.headers.get("content-length") or 0)
         except ValueError:
             length = 0
+        cap = (settings.batch_max_bytes if request.url.path == BATCH_PATH
+               else settings.max_body_bytes)
         if request.method == "POST" and request.url.path == UPLOAD_PATH:
             pass  # a file upload: streamed, capped by RUNNER_FILE_MAX_BYTES in its route
-        elif length > settings.max_body_bytes:
+        elif length > cap:
             response = error_response(request, 413, "body_too_large",
-                                        f"request body over {settings.max_body_bytes} bytes")
+                                      f"request body over {cap} bytes")
         elif "chunked" in request.headers.get("transfer-encoding", "").lower():
             # Without a length the cap above could be walked around; bodies are small.
             response = error_response(request, 411, "length_required",

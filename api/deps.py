@@ -58,6 +58,13 @@ class Services:
                          limit=self.settings.tenant_submissions_per_minute, window_seconds=60,
                          what=f"submissions for tenant {tenant}")
 
+    def admit_submissions(self, tenant: str, count: int) -> int:
+        """How many of `count` submissions (a batch's items) the tenant's submissions
+        per minute still allow now; those are counted, the rest are not."""
+        return self.limiter.take(f"tenant-submissions:{tenant}", count,
+                                 limit=self.settings.tenant_submissions_per_minute,
+                                 window_seconds=60)
+
     def submit_options(self) -> dict[str, Any]:
         """The settings and rules every new run (submitted or replayed, by the API or
         the dashboard) is made under."""

@@ -7,7 +7,9 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
+from runner.control.runs import Submission
 from runner.domain import Priority, Run, RunStatus
+from runner.units import parse_duration
 
 MAX_LABELS = 32
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._/-]{0,62}$")]
@@ -57,6 +59,19 @@ class RunCreate(BaseModel):
         default=Priority.NORMAL,
         description="high, normal or low: the order among this tenant's own queued runs "
                     "(tenants take turns whatever their runs' priorities)")
+
+
+    def submission(self, tenant: str, *, idempotency_key: str | None,
+                   traceparent: str | None) -> Submission:
+        """What this body asks the control layer for, on behalf of `tenant`."""
+        max_age = (parse_duration(self.reuse.max_age)
+                   if isinstance(self.reuse, ReuseOptions) and self.reuse.max_age else None)
+        return Submission(tenant=tenant, processor=self.processor, version=self.version,
+                          input=self.input, timeout_seconds=self.timeout_seconds,
+                          labels=self.labels, idempotency_key=idempotency_key,
+                          traceparent=traceparent, files=self.files,
+                          reuse=self.reuse is not False, reuse_max_age=max_age,
+                          webhook_url=self.webhook_url, priority=self.priority)
 
 
 class ArtifactOut(BaseModel):

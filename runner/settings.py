@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     tenant_weights: str = Field(default="", pattern=r"^([^=,\s]+=[1-9][0-9]{0,2}(,|$))*$")
     # The most items one POST /v1/runs/batch may carry (the contract's cap is 1000).
     batch_max_items: int = Field(default=1000, ge=1, le=1000)
+    # A batch's body cap (other bodies have RUNNER_MAX_BODY_BYTES; each item's input
+    # still has RUNNER_INPUT_MAX_BYTES).
+    batch_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     follow_max_seconds: float = Field(default=600.0, gt=0)
     # Log follows (GET .../logs?follow=true) held open at once, per API key and per API
     # process; past either the answer is 429 / 503 with Retry-After.

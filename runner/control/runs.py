@@ -172,24 +172,22 @@ class FileRules(Protocol):
         """The artifacts a run shows (its last attempt's)."""
 
 
-def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: RunQueue,
-           default_queue: str, stop_grace_seconds: float,
-           input_max_bytes: int = 1024 * 1024, max_active: int = 0,
-           file_rules: FileRules | None = None,
-           webhook_rules: WebhookRules = WebhookRules()) -> Run:
-    """Record a new queued run and hand its id to the queue.
+@dataclass(frozen=True)
+class Prepared:
+    """A submission checked against the manifest, its schema and the rules: the run
+    to record, and where its end is POSTed."""
 
-    Raises:
-        UnknownProcessorError: no such processor (or version) in the manifest.
-        InvalidInputError: the input fails the processor's input_schema (path named).
-        InvalidRequestError: input over its size cap or not strict JSON (field
-            `input`), or timeout_seconds above the manifest's limit.
-        InvalidRequestError: the idempotency key was used for a different request.
-        InvalidRequestError: a file is refused (field `files.<name>`: its name, an
-            unknown id, the processor's `accepts`, the caps).
-        InvalidRequestError: the webhook_url is refused (field `webhook_url`: malformed,
-            not under the operator's prefixes, or webhooks off: `webhook_rules`).
-        QuotaExceededError: the tenant is at its cap of queued and running runs.
+    new: NewRun
+    webhook_url: str | None
+
+
+def prepare(submission: Submission, *, manifest: Manifest, store: Store, default_queue: str,
+            input_max_bytes: int = 1024 * 1024, file_rules: FileRules | None = None,
+            webhook_rules: WebhookRules = WebhookRules()) -> Prepared:
+    """Check a submission and build the run it asks for (nothing is written).
+
+    Raises: what `submit` raises, except QuotaExceededError and the idempotency
+    conflict, which only recording can tell.
     """
     if submission.webhook_url is not None:
         webhook_rules.check(submission.webhook_url)
@@ -217,7 +215,7 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
                       if submission.reuse_max_age is not None else None)
         hit = store.find_reusable(tenant=submission.tenant, reuse_key=key,
                                   not_before=not_before)
-    run, created = store.create_run(NewRun(
+    return Prepared(NewRun(
         tenant=submission.tenant, processor=processor.name, version=processor.version,
         image=processor.image,
         queue=tagged_queue(processor.queue or default_queue, processor.require),
@@ -231,13 +229,49 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         result=hit.result if hit is not None else None,
         artifacts=tuple(file_rules.artifacts_of(hit)) if hit is not None and file_rules
         else (), priority=submission.priority,
-    ), max_active=max_active, webhook_url=submission.webhook_url)
+    ), submission.webhook_url)
+
+
+def needs_queueing(run: Run, created: bool) -> bool:
+    """Whether a recorded run goes to the queue: new, and not a reuse hit (which is
+    recorded already ended). Logs which it was."""
     if not created:
         log.info("run_submission_replayed", run_id=run.id, tenant=run.tenant)
-        return run
+        return False
     if run.reused_from is not None:
         log.info("run_reused", run_id=run.id, reused_from=run.reused_from,
                  processor=run.processor, tenant=run.tenant)
+        return False
+    log.info("run_submitted", run_id=run.id, processor=run.processor, version=run.version,
+             tenant=run.tenant, replay_of=run.replay_of, status=run.status.value)
+    return True
+
+
+def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: RunQueue,
+           default_queue: str, stop_grace_seconds: float,
+           input_max_bytes: int = 1024 * 1024, max_active: int = 0,
+           file_rules: FileRules | None = None,
+           webhook_rules: WebhookRules = WebhookRules()) -> Run:
+    """Record a new queued run and hand its id to the queue.
+
+    Raises:
+        UnknownProcessorError: no such processor (or version) in the manifest.
+        InvalidInputError: the input fails the processor's input_schema (path named).
+        InvalidRequestError: input over its size cap or not strict JSON (field
+            `input`), or timeout_seconds above the manifest's limit.
+        InvalidRequestError: the idempotency key was used for a different request.
+        InvalidRequestError: a file is refused (field `files.<name>`: its name, an
+            unknown id, the processor's `accepts`, the caps).
+        InvalidRequestError: the webhook_url is refused (field `webhook_url`: malformed,
+            not under the operator's prefixes, or webhooks off: `webhook_rules`).
+        QuotaExceededError: the tenant is at its cap of queued and running runs.
+    """
+    prepared = prepare(submission, manifest=manifest, store=store,
+                       default_queue=default_queue, input_max_bytes=input_max_bytes,
+                       file_rules=file_rules, webhook_rules=webhook_rules)
+    run, created = store.create_run(prepared.new, max_active=max_active,
+                                    webhook_url=prepared.webhook_url)
+    if not needs_queueing(run, created):
         return run
     try:
         queue.enqueue(run, stop_grace_seconds=stop_grace_seconds)
@@ -245,8 +279,6 @@ def submit(submission: Submission, *, manifest: Manifest, store: Store, queue: R
         # The run is recorded, and the database is the truth: the reconciler queues
         # it once Redis answers again. Nothing is lost and nothing runs twice.
         log.warning("enqueue_deferred", run_id=run.id, error=exc.message)
-    log.info("run_submitted", run_id=run.id, processor=run.processor, version=run.version,
-             tenant=run.tenant, replay_of=run.replay_of, status=run.status.value)
     return run
 
 

@@ -202,7 +202,7 @@ class Store(StoreLogs, StoreReports):
             priority=new.priority.value,
         )
         if max_active > 0:
-            self._ensure_tenant(new.tenant)
+            self.ensure_tenant(new.tenant)
         try:
             with self.session() as session:
                 if max_active > 0:
@@ -243,7 +243,7 @@ class Store(StoreLogs, StoreReports):
                                       field="Idempotency-Key")
         return existing, False
 
-    def _ensure_tenant(self, tenant: str) -> None:
+    def ensure_tenant(self, tenant: str) -> None:
         """The tenant's lock row exists (rows are never deleted, so once seen, always)."""
         if tenant in self._tenants_seen:
             return

@@ -199,7 +199,8 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None,
                           name=f"{settings.worker_id}-{os.getpid()}", queue_class=LaneQueue)
     worker.drain_timeout_seconds = settings.drain_timeout_seconds
     log.info("worker_started", queues=names, host_id=settings.host_id,
-             host_tags=settings.host_tag_list, manifest=str(settings.manifest),
+             host_tags=settings.host_tag_list, tenant_weights=settings.tenant_weight_map,
+             manifest=str(settings.manifest),
              revision=services.manifests.current().revision)
     try:
         # No RQ scheduler: it forks a child that would inherit (and, if this process

@@ -57,9 +57,9 @@ def test_a_previous_release_worker_runs_beside_this_one(
     try:
         old.wait_ready(marker="worker_started", timeout=90)
         new = WorkerProcess(upgraded, tmp_path / "new.log")
-        # Really two releases: only this one's worker says which host it is.
-        assert "host_id" not in old.events("worker_started")[0]
-        assert "host_id" in new.events("worker_started")[0]
+        # Really two releases: only this one's worker takes tenants in turn.
+        assert "tenant_weights" not in old.events("worker_started")[0]
+        assert "tenant_weights" in new.events("worker_started")[0]
         manifests = ManifestSource(upgraded.manifest)
 
         def submit_some(queue: RunQueue, count: int) -> list[str]:
