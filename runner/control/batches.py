@@ -82,7 +82,7 @@ def submit_batch(items: Sequence[Submission | RunnerError], *,
             continue
         run, created = outcome
         results[index] = run
-        if needs_queueing(run, created):
+        if needs_queueing(run, created, quiet=True):
             queued.append(run)
     try:
         queue.enqueue_many(queued, stop_grace_seconds=stop_grace_seconds)
@@ -91,5 +91,6 @@ def submit_batch(items: Sequence[Submission | RunnerError], *,
         log.warning("enqueue_deferred", runs=len(queued), error=exc.message)
     done = [r for r in results if r is not None]
     log.info("batch_submitted", items=len(items), queued=len(queued),
-             refused=sum(isinstance(r, RunnerError) for r in done))
+             refused=sum(isinstance(r, RunnerError) for r in done),
+             run_ids=[r.id for r in queued])
     return done

@@ -8,18 +8,23 @@ earlier run its key names, or its own error.
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from runner.control.models import RunFileRow, RunRow, TenantRow
 from runner.control.outbox import outbox_row
 from runner.control.rows import run_from_row
-from runner.control.store import Store, add_artifacts, new_run_id, rows_changed
-from runner.domain import Artifact, NewRun, Run, RunStatus, utcnow
+from runner.control.store import Store, add_artifacts, rows_changed
+from runner.domain import NewRun, Run, RunStatus, utcnow
 from runner.errors import InvalidRequestError, QuotaExceededError, RunnerError
 
 # One item's outcome: (its run, whether this batch created it), or why it was refused.
@@ -31,23 +36,43 @@ def _key_conflict() -> InvalidRequestError:
                                field="idempotency_key")
 
 
-def _new_row(new: NewRun, webhook_url: str | None) -> RunRow:
-    now = utcnow()
+def _new_values(new: NewRun, webhook_url: str | None, run_id: str,
+                now: datetime) -> dict[str, Any]:
+    """The `runs` row of a new run, as column values (written by one multi-row INSERT,
+    without the ORM's per-object bookkeeping)."""
     reused = new.reused_from is not None
-    return RunRow(
-        id=new_run_id(), tenant=new.tenant,
-        status=(RunStatus.SUCCEEDED if reused else RunStatus.QUEUED).value,
-        processor=new.processor, version=new.version, image=new.image, queue=new.queue,
-        input=new.input, labels=new.labels, timeout_seconds=new.timeout_seconds,
-        attempt=0, max_attempts=new.max_attempts, manifest_revision=new.manifest_revision,
-        log_bytes=0, log_truncated=False, created_at=now,
-        idempotency_key=new.idempotency_key, request_hash=new.request_hash,
-        replay_of=new.replay_of, traceparent=new.traceparent,
-        files=dict(new.files) or None, reuse_key=new.reuse_key,
-        reused_from=new.reused_from, result=new.result if reused else None,
-        started_at=now if reused else None, finished_at=now if reused else None,
-        exit_code=0 if reused else None, webhook_url=webhook_url,
-        priority=new.priority.value)
+    return {
+        "id": run_id, "tenant": new.tenant,
+        "status": (RunStatus.SUCCEEDED if reused else RunStatus.QUEUED).value,
+        "processor": new.processor, "version": new.version, "image": new.image,
+        "queue": new.queue, "input": new.input, "labels": new.labels,
+        "timeout_seconds": new.timeout_seconds, "attempt": 0,
+        "max_attempts": new.max_attempts, "manifest_revision": new.manifest_revision,
+        "log_bytes": 0, "log_truncated": False, "created_at": now,
+        "idempotency_key": new.idempotency_key, "request_hash": new.request_hash,
+        "replay_of": new.replay_of, "traceparent": new.traceparent,
+        "files": dict(new.files) or None, "reuse_key": new.reuse_key,
+        "reused_from": new.reused_from, "result": new.result if reused else None,
+        "started_at": now if reused else None, "finished_at": now if reused else None,
+        "exit_code": 0 if reused else None, "webhook_url": webhook_url,
+        "priority": new.priority.value}
+
+
+def _snapshot(values: dict[str, Any]) -> Run:
+    """The run just written, from its values (the columns not written are unset)."""
+    unset = dict.fromkeys(("result", "exit_code", "error_code", "error_message",
+                           "worker_id", "started_at", "finished_at", "next_attempt_at",
+                           "lease_expires_at", "cancel_requested_at", "error_stage"))
+    return run_from_row(cast(RunRow, SimpleNamespace(**{**unset, **values})))
+
+
+def new_run_ids(count: int) -> list[str]:
+    """`count` run ids shaped as `new_run_id`'s, from one read of the system's random
+    source (one per id costs a system call each)."""
+    stamp = f"{int(time.time() * 1000):012x}"
+    noise = secrets.token_hex(10 * count)
+    raws = (stamp + noise[i * 20:(i + 1) * 20] for i in range(count))
+    return [f"{r[:8]}-{r[8:12]}-{r[12:16]}-{r[16:20]}-{r[20:]}" for r in raws]
 
 
 def create_runs(store: Store, items: Sequence[tuple[NewRun, str | None]], *,
@@ -75,16 +100,14 @@ def create_runs(store: Store, items: Sequence[tuple[NewRun, str | None]], *,
     try:
         with store.session() as session:
             outcomes = _record(session, tenant, items, max_active)
-        return [(replace(o[0], artifacts=tuple(_artifacts(items[i][0]))), o[1])
-                if isinstance(o, tuple) and o[1] else o for i, o in enumerate(outcomes)]
+        # A reuse hit shows the artifacts it was recorded with.
+        return [(replace(o[0], artifacts=tuple(items[i][0].artifacts)), o[1])
+                if isinstance(o, tuple) and o[1] and items[i][0].artifacts else o
+                for i, o in enumerate(outcomes)]
     except IntegrityError:
         if not any(new.idempotency_key for new, _ in items):
             raise
     return list(_one_by_one(store, items, max_active))
-
-
-def _artifacts(new: NewRun) -> tuple[Artifact, ...]:
-    return tuple(new.artifacts)
 
 
 def _one_by_one(store: Store, items: Sequence[tuple[NewRun, str | None]],
@@ -109,7 +132,8 @@ def _record(session: Session, tenant: str, items: Sequence[tuple[NewRun, str | N
         room = max_active - _active_under_lock(session, tenant)
     outcomes: list[Outcome] = []
     in_batch: dict[str, tuple[str | None, int]] = {}  # key -> (request hash, index)
-    rows: list[tuple[int, RunRow, NewRun]] = []
+    rows: list[tuple[dict[str, Any], NewRun]] = []
+    ids, now = iter(new_run_ids(len(items))), utcnow()
     for new, webhook_url in items:
         key = new.idempotency_key
         if key is not None and key in earlier:
@@ -130,21 +154,22 @@ def _record(session: Session, tenant: str, items: Sequence[tuple[NewRun, str | N
                     "runs", retry_after=5))
                 continue
             room -= 1
-        row = _new_row(new, webhook_url)
+        values = _new_values(new, webhook_url, next(ids), now)
         if key is not None:
             in_batch[key] = (new.request_hash, len(outcomes))
-        rows.append((len(outcomes), row, new))
-        outcomes.append((run_from_row(row), True))
-    session.add_all(row for _, row, _ in rows)
-    session.flush()
-    for _, row, new in rows:
+        rows.append((values, new))
+        outcomes.append((_snapshot(values), True))
+    if rows:
+        session.execute(insert(RunRow), [values for values, _ in rows])
+    for values, new in rows:
+        run_id = values["id"]
         for name, file_id in new.files.items():
-            session.add(RunFileRow(run_id=row.id, name=name, tenant=tenant,
+            session.add(RunFileRow(run_id=run_id, name=name, tenant=tenant,
                                    sha256=file_id.removeprefix("sha256:")))
         # A reuse hit's artifacts are its source's, recorded as its own (attempt 0).
-        add_artifacts(session, row.id, 0, tenant, new.artifacts)
-        if new.reused_from is not None and row.webhook_url is not None:
-            session.add(outbox_row(row.id, row.webhook_url, row.created_at))
+        add_artifacts(session, run_id, 0, tenant, new.artifacts)
+        if new.reused_from is not None and values["webhook_url"] is not None:
+            session.add(outbox_row(run_id, values["webhook_url"], now))
     return outcomes
 
 

@@ -42,19 +42,36 @@ LEGACY = ""  # the pseudo-tenant of the queue's own RQ list
 LOOK_AGAIN_SECONDS = 5
 BELL_TOKENS_KEPT = 8
 
-# Push a job id onto its lane; a lane's first push names it and rings the bell.
+# Push job ids (ARGV[4..]) onto a lane, in order (at its front, still in order, for
+# retries); a lane's first push names it in the set and rings the bell.
 _PUSH = """
-if ARGV[3] == '1' then
-  redis.call('LPUSH', KEYS[1], ARGV[1])
+if ARGV[2] == '1' then
+  for i = #ARGV, 4, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
 else
-  redis.call('RPUSH', KEYS[1], ARGV[1])
+  for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
 end
-if redis.call('SADD', KEYS[2], ARGV[2]) == 1 then
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
   redis.call('RPUSH', KEYS[3], '1')
-  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[4]), -1)
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
 end
 return 1
 """
+
+
+class LanePusher:
+    """Puts job ids on a tenant's lane (through a script registered once)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._script = redis.register_script(_PUSH)
+
+    def push(self, client: Redis | Pipeline, queue: str, tenant: str, priority: Priority,
+             job_ids: Sequence[str], *, at_front: bool = False) -> None:
+        """Queue `job_ids` on the lane, on `client` (a pipeline: with its other writes)."""
+        if job_ids:
+            self._script(keys=[lane_key(queue, tenant, priority), lanes_key(queue),
+                               bell_key(queue)],
+                         args=[f"{priority.value}:{tenant}", "1" if at_front else "0",
+                               BELL_TOKENS_KEPT, *job_ids], client=client)
 
 
 def lane_key(queue: str, tenant: str, priority: Priority) -> str:
@@ -140,27 +157,13 @@ class TenantTurns:
 
 
 class LaneQueue(Queue):
-    """An RQ queue whose pushes go to a tenant's lane (`lane`), and whose workers take
-    tenants in turn (`turns`). Without a lane a push is RQ's own; without turns a
-    dequeue is RQ's own."""
+    """An RQ queue whose workers take tenants in turn over its lanes (`turns`);
+    without turns a dequeue is RQ's own."""
 
-    def __init__(self, name: str = "default", *, lane: tuple[str, Priority] | None = None,
-                 turns: TenantTurns | None = None, **kwargs: Any) -> None:
+    def __init__(self, name: str = "default", *, turns: TenantTurns | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
-        self.lane, self.turns = lane, turns
-        self._push = self.connection.register_script(_PUSH) if lane is not None else None
-
-    def push_job_id(self, job_id: str, pipeline: Pipeline | None = None,
-                    at_front: bool = False) -> None:
-        if self.lane is None or self._push is None:
-            super().push_job_id(job_id, pipeline=pipeline, at_front=at_front)
-            return
-        tenant, priority = self.lane
-        client = pipeline if pipeline is not None else self.connection
-        self._push(keys=[lane_key(self.name, tenant, priority), lanes_key(self.name),
-                     bell_key(self.name)],
-               args=[job_id, f"{priority.value}:{tenant}", "1" if at_front else "0",
-                     BELL_TOKENS_KEPT], client=client)
+        self.turns = turns
 
     @classmethod
     def dequeue_any(cls, queues: Iterable[Queue], timeout: int | None, connection: Redis,

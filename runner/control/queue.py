@@ -12,15 +12,14 @@ import contextlib
 import itertools
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Worker
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.utils import utcparse
 
-from runner.control.lanes import LaneQueue, queue_depths
+from runner.control.lanes import LanePusher, queue_depths
 from runner.domain import Priority, Run
 from runner.errors import ServiceUnavailableError
 
@@ -28,17 +27,12 @@ JOB_FUNCTION = "runner.execution.worker.perform"
 # The RQ job timeout sits well past the container deadline, so the runner's own
 # timeout (SIGTERM, grace, SIGKILL) always fires first.
 JOB_TIMEOUT_MARGIN_SECONDS = 300
+FAILURE_TTL_SECONDS = 7 * 24 * 3600
 HELD_STATES = {b"queued", b"deferred"}
 # A job a worker has just dequeued ("started") is held too, for as long as a claim can
 # take (milliseconds; seconds on a starved machine): past that, a run still queued in
 # the database means its worker died between dequeue and claim, and the job is lost.
 STARTED_HOLD_SECONDS = 5.0
-
-
-def _call_options(options: dict[str, Any]) -> dict[str, Any]:
-    """`Queue.enqueue` options as `enqueue_call` names them."""
-    renamed = {"job_timeout": "timeout"}
-    return {renamed.get(k, k): v for k, v in options.items()}
 
 
 def job_id(run_id: str, attempt: int) -> str:
@@ -115,34 +109,16 @@ class RunQueue:
 
     def __init__(self, redis: Redis, *, fair: bool = True) -> None:
         self.redis, self.fair = redis, fair
-        self._queues: dict[tuple[str, str, Priority], Queue] = {}
+        self._lanes = LanePusher(redis)
 
     @classmethod
     def from_url(cls, url: str, *, fair: bool = True) -> RunQueue:
         return cls(Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
                                   health_check_interval=30), fair=fair)
 
-    def _queue(self, run: Run) -> Queue:
-        lane = (run.tenant, run.priority) if self.fair else ("", Priority.NORMAL)
-        key = (run.queue, *lane)
-        if key not in self._queues:
-            if len(self._queues) > 4096:  # many tenants: keep the cache bounded
-                self._queues.clear()
-            self._queues[key] = LaneQueue(run.queue, connection=self.redis,
-                                          lane=lane if self.fair else None)
-        return self._queues[key]
-
-    @staticmethod
-    def _job_options(run: Run, stop_grace_seconds: float) -> dict[str, Any]:
-        attempt = run.attempt + 1
-        timeout = int(run.timeout_seconds + stop_grace_seconds + JOB_TIMEOUT_MARGIN_SECONDS)
-        # A retry goes to the front: the run has waited its turn once already.
-        return {"job_id": job_id(run.id, attempt), "job_timeout": timeout,
-                "at_front": attempt > 1, "result_ttl": 0, "failure_ttl": 7 * 24 * 3600,
-                "description": f"run {run.id} attempt {attempt} ({run.processor})"}
-
     def enqueue(self, run: Run, *, stop_grace_seconds: float = 5.0) -> None:
-        """Queue the run's next attempt now.
+        """Queue the run's next attempt now (a retry at the front of its lane: the run
+        has waited its turn once already).
 
         A retry waiting out its backoff is not put in Redis early: its next attempt
         time is in the database, and each worker's requeue pass enqueues it when due
@@ -152,27 +128,46 @@ class RunQueue:
         Raises:
             ServiceUnavailableError: Redis cannot be reached.
         """
-        try:
-            self._queue(run).enqueue(JOB_FUNCTION, run.id, run.attempt + 1,
-                                     **self._job_options(run, stop_grace_seconds))
-        except RedisError as exc:
-            raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
+        self.enqueue_many([run], stop_grace_seconds=stop_grace_seconds)
 
     def enqueue_many(self, runs: Sequence[Run], *, stop_grace_seconds: float = 5.0) -> None:
-        """Queue each run's next attempt, all in one pipeline (one round trip): a batch.
+        """Queue each run's next attempt, all in one transaction of one round trip.
+
+        Each job is RQ's own: its hash is what `Job.to_dict` writes for RQ's enqueue
+        (status queued, origin the run's queue), so RQ's workers, registries and
+        `Job.fetch` read it as theirs. Only the pushes differ: one per lane, of all
+        its ids, instead of several commands per job.
 
         Raises:
-            ServiceUnavailableError: Redis cannot be reached (then none of them may be
-                queued; the database has them, and the reconciler queues them).
+            ServiceUnavailableError: Redis cannot be reached (then none is queued; the
+                database has them all, and the reconciler queues them).
         """
         if not runs:
             return
+        now = datetime.now(UTC)
+        pushes: dict[tuple[str, str, Priority, bool], list[str]] = {}
         try:
             pipe = self.redis.pipeline()
             for run in runs:
-                self._queue(run).enqueue_call(
-                    JOB_FUNCTION, args=(run.id, run.attempt + 1), pipeline=pipe,
-                    **_call_options(self._job_options(run, stop_grace_seconds)))
+                attempt = run.attempt + 1
+                job = Job.create(
+                    JOB_FUNCTION, args=(run.id, attempt), connection=self.redis,
+                    id=job_id(run.id, attempt), origin=run.queue, status=JobStatus.QUEUED,
+                    timeout=int(run.timeout_seconds + stop_grace_seconds
+                                + JOB_TIMEOUT_MARGIN_SECONDS),
+                    result_ttl=0, failure_ttl=FAILURE_TTL_SECONDS,
+                    description=f"run {run.id} attempt {attempt} ({run.processor})")
+                job.enqueued_at = now
+                pipe.hset(job.key, mapping=job.to_dict())
+                lane = (run.tenant, run.priority) if self.fair else (None, Priority.NORMAL)
+                pushes.setdefault((run.queue, *lane, attempt > 1), []).append(job.id)
+            pipe.sadd(Queue.redis_queues_keys, *{f"rq:queue:{q}" for q, *_ in pushes})
+            for (name, tenant, priority, front), ids in pushes.items():
+                if tenant is None:  # RUNNER_FAIR_DEQUEUE=off: RQ's own list
+                    (pipe.lpush(f"rq:queue:{name}", *reversed(ids)) if front
+                     else pipe.rpush(f"rq:queue:{name}", *ids))
+                else:
+                    self._lanes.push(pipe, name, tenant, priority, ids, at_front=front)
             pipe.execute()
         except RedisError as exc:
             raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc

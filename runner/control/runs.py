@@ -232,9 +232,11 @@ def prepare(submission: Submission, *, manifest: Manifest, store: Store, default
     ), submission.webhook_url)
 
 
-def needs_queueing(run: Run, created: bool) -> bool:
+def needs_queueing(run: Run, created: bool, *, quiet: bool = False) -> bool:
     """Whether a recorded run goes to the queue: new, and not a reuse hit (which is
-    recorded already ended). Logs which it was."""
+    recorded already ended). Logs which it was, unless `quiet` (a batch logs once)."""
+    if quiet:
+        return created and run.reused_from is None
     if not created:
         log.info("run_submission_replayed", run_id=run.id, tenant=run.tenant)
         return False
