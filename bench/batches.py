@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -90,12 +91,13 @@ def _seconds(run: dict[str, Any], start: str, end: str) -> float:
     return (datetime.fromisoformat(run[end]) - datetime.fromisoformat(run[start])).total_seconds()
 
 
-def b_waits(client: httpx.Client, count: int) -> tuple[list[float], list[float]]:
+def b_waits(client: httpx.Client, count: int, processor: str
+            ) -> tuple[list[float], list[float]]:
     """Tenant B submits `count` runs one after the other, each once the last ended:
     their queue waits and run times, in seconds."""
     waits, runs = [], []
     for i in range(count):
-        posted = client.post("/v1/runs", json={"processor": "echo", "input": {
+        posted = client.post("/v1/runs", json={"processor": processor, "input": {
             "message": f"b-{i}"}})
         posted.raise_for_status()
         run = _wait(client, posted.json()["id"])
@@ -104,11 +106,13 @@ def b_waits(client: httpx.Client, count: int) -> tuple[list[float], list[float]]
     return waits, runs
 
 
-def fairness(made: Stack, *, backlog: int, samples: int, workers: int) -> dict[str, Any]:
-    """B's queue wait idle and behind A's backlog, with `workers` worker processes."""
+def fairness(made: Stack, *, backlog: int, samples: int, workers: int,
+             processor: str = "echo", queue: str | None = None) -> dict[str, Any]:
+    """B's queue wait idle and behind A's backlog of `processor` runs, with `workers`
+    worker processes on `queue` (the stack's by default)."""
     api = made.start_api("api-fair", **LOAD_LIMITS)
     assert api.url is not None
-    pool = [made.start_worker(f"w{i}") for i in range(workers)]
+    pool = [made.start_worker(f"fair-w{i}", queue=queue) for i in range(workers)]
     for worker in pool:
         worker.wait_ready(marker="worker_started", timeout=120)
     b_key = Keys(made.store).create(tenant="tenant-b", role=Role.SUBMITTER)[1]
@@ -117,16 +121,16 @@ def fairness(made: Stack, *, backlog: int, samples: int, workers: int) -> dict[s
                       headers={"Authorization": f"Bearer {b_key}"}) as b, \
             httpx.Client(base_url=api.url, timeout=120,
                          headers={"Authorization": f"Bearer {a_key}"}) as a:
-        b_waits(b, 3)  # warm: images, connections
-        idle_waits, idle_runs = b_waits(b, samples)
+        b_waits(b, 3, processor)  # warm: images, connections
+        idle_waits, idle_runs = b_waits(b, samples, processor)
         started = time.monotonic()
         for offset in range(0, backlog, 500):
             answer = a.post("/v1/runs/batch", json={"runs": [
-                {"processor": "echo", "input": {"message": f"a-{offset + i}"}}
+                {"processor": processor, "input": {"message": f"a-{offset + i}"}}
                 for i in range(min(500, backlog - offset))]})
             answer.raise_for_status()
         queued_in = time.monotonic() - started
-        busy_waits, busy_runs = b_waits(b, samples)
+        busy_waits, busy_runs = b_waits(b, samples, processor)
         left = a.get("/v1/runs", params={"status": "queued", "limit": 1}).json()
     for worker in pool:
         made.stop(worker)
@@ -145,6 +149,54 @@ def fairness(made: Stack, *, backlog: int, samples: int, workers: int) -> dict[s
             "within_bound": busy_p99 <= bound}
 
 
+def run_all(made: Stack, *, quick: bool, size: int = 500, backlog: int = 5000,
+            processor: str = "echo", queue: str | None = None,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Both measurements on `made`, as `make bench` runs them."""
+    seconds, samples = (4.0, 10) if quick else (8.0, 30)
+    found: dict[str, Any] = {"rates": rates(made, size=size, seconds=seconds)}
+    for line in render(found):
+        log(line)
+    found["fairness"] = fairness(made, backlog=backlog, samples=samples, workers=2,
+                                 processor=processor, queue=queue)
+    for line in render(found)[1:]:
+        log(line)
+    return found
+
+
+def render(found: dict[str, Any]) -> list[str]:
+    lines = []
+    r = found.get("rates")
+    if r:
+        lines.append(
+            f"batch: {r['batch_runs_per_s']} runs/s in batches of {r['batch_size']} on one "
+            f"API process (PostgreSQL); single POST {r['single_per_s']}/s closed loop in the "
+            f"same run: {r['ratio']}x; API CPU per run {r['batch'][0]['api_cpu_ms_per_run']} "
+            f"ms in batches, {r['single'][0]['api_cpu_ms_per_run']} ms single")
+    f = found.get("fairness")
+    if f:
+        lines.append(
+            f"fairness ({f['workers']} workers): tenant B's queue wait p99 "
+            f"{f['idle_wait_p99_ms']} ms on an idle queue, {f['backlog_wait_p99_ms']} ms "
+            f"behind tenant A's {f['backlog']} queued runs (p50 {f['idle_wait_p50_ms']} / "
+            f"{f['backlog_wait_p50_ms']} ms); one run takes {f['run_time_ms']} ms; bound "
+            f"2 x idle p99 + one run = {f['bound_ms']} ms: "
+            f"{'met' if f['within_bound'] else 'NOT met'} (A still queued at the end: "
+            f"{f['a_still_queued_at_end']})")
+    return lines
+
+
+def goal_values(found: dict[str, Any]) -> list[tuple[str, float | None, float, bool]]:
+    """(goal, value, limit, higher is better) for `bench/suite.py`'s goals."""
+    r, f = found.get("rates") or {}, found.get("fairness") or {}
+    return [
+        ("batch >= 3000 runs/s on one API process", r.get("batch_runs_per_s"), 3000, True),
+        ("batch >= 20x the single POST's rate", r.get("ratio"), 20, True),
+        ("fairness: B's wait p99 behind 5,000 <= 2x idle + one run (ms over)",
+         (f["backlog_wait_p99_ms"] - f["bound_ms"]) if f else None, 0, False),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter steps, fewer samples")
@@ -152,24 +204,11 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=5000, help="tenant A's backlog")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
-    seconds, samples = (4.0, 10) if args.quick else (8.0, 30)
     client = docker.from_env()
     entries = list(publish_samples(["echo"], client).values())
     with stack([*entries, LOAD_ENTRY]) as made:
-        found = {"rates": rates(made, size=args.batch, seconds=seconds)}
-        r = found["rates"]
-        print(f"batch: {r['batch_runs_per_s']} runs/s in batches of {args.batch} on one API "
-              f"process; single POST {r['single_per_s']}/s closed loop: {r['ratio']}x; API "
-              f"CPU per run {r['batch'][0]['api_cpu_ms_per_run']} ms (batch) vs "
-              f"{r['single'][0]['api_cpu_ms_per_run']} ms (single)", flush=True)
-        found["fairness"] = fair = fairness(made, backlog=args.backlog, samples=samples,
-                                            workers=2)
-        print(f"fairness: B's queue wait p99 {fair['idle_wait_p99_ms']} ms idle, "
-              f"{fair['backlog_wait_p99_ms']} ms behind A's {args.backlog} runs (p50 "
-              f"{fair['idle_wait_p50_ms']} / {fair['backlog_wait_p50_ms']} ms); one run "
-              f"takes {fair['run_time_ms']} ms; bound 2x idle + one run = "
-              f"{fair['bound_ms']} ms: {'met' if fair['within_bound'] else 'NOT met'}; "
-              f"A still queued at the end: {fair['a_still_queued_at_end']}", flush=True)
+        found = run_all(made, quick=args.quick, size=args.batch, backlog=args.backlog,
+                        log=lambda line: print(line, flush=True))
     if args.json:
         args.json.write_text(json.dumps(found, indent=2))
 

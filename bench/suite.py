@@ -45,6 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import stack as bench_stack
 from bench.apiload import api_load
+from bench.batches import goal_values as batch_goals
+from bench.batches import render as render_batches
+from bench.batches import run_all as run_batches
 from bench.stack import BENCH_LABEL, parse_metrics, quantile
 from runner.manifest import Processor, load_manifest
 from runner.sandbox import (
@@ -354,7 +357,9 @@ def ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | 
 
 
 def goals(ratio: dict[str, dict[str, float | None]], api: dict[str, Any] | None,
-          queue_overhead: dict[str, Any] | None) -> list[dict[str, Any]]:
+          queue_overhead: dict[str, Any] | None, *,
+          cpu: dict[str, dict[str, Any]] | None = None,
+          batches: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     def check(name: str, value: float | None, limit: float, above: bool = False
               ) -> dict[str, Any]:
         if value is None:
@@ -367,14 +372,25 @@ def goals(ratio: dict[str, dict[str, float | None]], api: dict[str, Any] | None,
     out = [
         check("e2e p50 <= 1.05x B2 (1 worker, c=1)", one["p50"], 1.05),
         check("e2e p99 <= 1.10x B2 (1 worker, c=1)", one["p99"], 1.10),
-        check("throughput 2 workers >= 0.9x B2 c=2", two["throughput"], 0.9, above=True),
-        check("stretch: throughput 2 workers > 1.0x B2 c=2", two["throughput"], 1.0,
+        check("throughput 2 workers c=2 >= 1.05x B2 c=2", two["throughput"], 1.05,
               above=True),
+        check("p50 2 workers c=2 <= 1.0x B2 c=2", two["p50"], 1.0),
+        check("p99 2 workers c=2 <= 1.0x B2 c=2", two["p99"], 1.0),
     ]
     out.append(check("API POST p99 <= 20 ms at 100 req/s",
                      api["open_loop"][0]["p99_ms"] if api else None, 20.0))
+    out.append(check("API POST closed loop >= 300/s (one process)",
+                     api["closed_loop"]["throughput_per_s"] if api else None, 300.0,
+                     above=True))
     out.append(check("queue overhead p50 <= 10 ms",
                      queue_overhead.get("p50_ms") if queue_overhead else None, 10.0))
+    for name, s in (cpu or {}).items():
+        out.append(check(f"worker CPU per run <= 12 ms ({name})",
+                         s.get("worker_cpu_ms_per_run"), 12.0))
+        out.append(check(f"API CPU per run <= 8 ms ({name})", s.get("api_cpu_ms_per_run"),
+                         8.0))
+    for name, value, limit, above in batch_goals(batches or {}):
+        out.append(check(name, value, limit, above=above))
     return out
 
 
@@ -585,10 +601,13 @@ def render(result: dict[str, Any]) -> str:
     if b2:
         lines.append("B2 calls p50/p99 ms (start = put input + start): " + ", ".join(
             f"{name} {v['p50_ms']:.0f}/{v['p99_ms']:.0f}" for name, v in b2.items()))
+    if result.get("batches"):
+        lines.append("")
+        lines.extend(render_batches(result["batches"]))
     lines.append("")
     lines.append("goals")
     for goal in result["goals"]:
-        lines.append(f"  {goal['verdict']:<7} {goal['goal']:<46} value {fmt(goal['value'], 3)}")
+        lines.append(f"  {goal['verdict']:<7} {goal['goal']:<66} value {fmt(goal['value'], 3)}")
     from bench.profiling import render as render_profile
 
     for key, title in (("profile_worker", "worker profile"), ("profile_api", "API profile")):
@@ -641,6 +660,8 @@ def main() -> None:
                         help="duration of the 100 req/s API test (default 30, quick 10)")
     parser.add_argument("--quick", action="store_true", help="fewer samples, shorter load")
     parser.add_argument("--skip-api", action="store_true")
+    parser.add_argument("--skip-batches", action="store_true",
+                        help="leave out the batch rate and the fairness measurement")
     parser.add_argument("--profile", action="store_true",
                         help="also profile a worker and the API with py-spy "
                              "(var/venv/bin/pip install py-spy)")
@@ -766,6 +787,10 @@ def main() -> None:
                     load_api, load_api.url, stack.key, "echo-load",
                     RESULTS / f"{stamp}-api.pyspy.txt", log)
             stack.stop(load_api)
+        if not args.skip_batches:
+            log("batches and fairness (bench/batches.py)")
+            result["batches"] = run_batches(stack, quick=args.quick, processor="echo-1w",
+                                            queue=f"bench-{tag}-1w", log=log)
         time.sleep(1)
         left = [c.name for c in stack.containers(client)]
         left += [c.name for c in bench_stack.bench_containers(client, tag)]
@@ -777,7 +802,10 @@ def main() -> None:
                 with contextlib.suppress(docker.errors.DockerException):
                     container.remove(force=True, v=True)
     result["goals"] = goals(result["ratios"], result.get("api_load"),
-                            result.get("queue_overhead"))
+                            result.get("queue_overhead"),
+                            cpu={c.name.replace("runner ", ""): result["latency"][c.name]
+                                 for c in CONFIGS if c.kind == "e2e"},
+                            batches=result.get("batches"))
     if args.scale:
         log("scale tests (bench/scale.py)")
         from bench.scale import run_scale
