@@ -1,5 +1,8 @@
 """A small Python client for the HTTP API, used by the CLI and the tests.
 
+Batches go up a chunk at a time (`submit_many`): an iterator of any length is read one
+chunk ahead, and a chunk refused whole with 429 is sent again after its Retry-After.
+
 Files go up and artifacts come down as streams: an upload is read from disk in
 chunks with its Content-Length declared, a download is written to a temporary file
 beside its destination and renamed into place only once it is whole (and its SHA-256
@@ -14,7 +17,8 @@ import mimetypes
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
+from itertools import islice
 from pathlib import Path
 from stat import S_ISREG
 from typing import IO, Any
@@ -30,6 +34,8 @@ CHUNK_BYTES = 1024 * 1024
 # After the last byte of an upload the server still hashes, sniffs and records it.
 TRANSFER_TIMEOUT = httpx.Timeout(30, read=300)
 DEFAULT_MEDIA_TYPE = "application/octet-stream"
+BATCH_MAX_ITEMS = 1000  # the contract's cap on one POST /v1/runs/batch
+RETRY_AFTER_MAX_SECONDS = 60.0  # the longest one wait on a 429's Retry-After
 
 # Called as a transfer goes: (bytes done so far, total bytes or None when unknown).
 Progress = Callable[[int, int | None], None]
@@ -60,14 +66,34 @@ def artifact_target(dest_dir: str | os.PathLike[str], name: str) -> Path:
     return target
 
 
+def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """`items` in lists of `size` (the last may be shorter), read one list at a time."""
+    if size < 1:
+        raise ValueError(f"chunk size must be at least 1, got {size}")
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
 class ApiError(RunnerError):
     """The API answered with an error."""
 
     def __init__(self, status: int, code: str, message: str, request_id: str = "",
-                 field: str | None = None) -> None:
+                 field: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(f"{message} (HTTP {status}, {code})", status=status, code_=code,
-                         request_id=request_id, field=field)
+                         request_id=request_id, field=field, retry_after=retry_after)
         self.status, self.code, self.field = status, code, field
+        self.retry_after = retry_after  # seconds, from a 429's or 503's Retry-After
+
+
+class BatchInterruptedError(RunnerError):
+    """A batch stopped part way; the items before the chunk that failed were answered."""
+
+    def __init__(self, *, results: list[dict[str, Any]], cause: RunnerError) -> None:
+        answered = f"{len(results)} item{'' if len(results) == 1 else 's'}"
+        super().__init__(f"the batch stopped after {answered}: {cause.message}",
+                         results=results, cause=cause)
+        self.results, self.cause = results, cause
 
 
 class RunnerClient:
@@ -94,7 +120,8 @@ class RunnerClient:
             try:
                 error = response.json()["error"]
                 raise ApiError(response.status_code, error["code"], error["message"],
-                               error.get("request_id", ""), error.get("field"))
+                               error.get("request_id", ""), error.get("field"),
+                               _seconds(response.headers.get("Retry-After")))
             except (ValueError, KeyError, TypeError):
                 raise ApiError(response.status_code, "http_error", response.text[:200]) from None
         return response
@@ -111,11 +138,13 @@ class RunnerClient:
                idempotency_key: str | None = None,
                files: dict[str, str] | None = None,
                reuse: bool | dict[str, Any] | None = None,
-               webhook_url: str | None = None) -> dict[str, Any]:
+               webhook_url: str | None = None,
+               priority: str | None = None) -> dict[str, Any]:
         """Submit a run. `files` maps a name under /run/in to an uploaded file's id;
         `reuse` (True, or `{"max_age": "1h"}`) lets an earlier succeeded run of the
         same image, input and files stand in for this one (`reused_from` says which);
-        `webhook_url` is POSTed the run when it ends (under the operator's prefixes)."""
+        `webhook_url` is POSTed the run when it ends (under the operator's prefixes);
+        `priority` ("high", "normal", "low") orders it among its tenant's queued runs."""
         body: dict[str, Any] = {"processor": processor, "input": input or {}}
         if version is not None:
             body["version"] = version
@@ -129,10 +158,71 @@ class RunnerClient:
             body["reuse"] = reuse
         if webhook_url is not None:
             body["webhook_url"] = webhook_url
+        if priority is not None:
+            body["priority"] = priority
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         run: dict[str, Any] = self._request("POST", "/v1/runs", json=body,
                                             headers=headers).json()
         return run
+
+    def submit_many(self, items: Iterable[dict[str, Any]], *, chunk_size: int = 500,
+                    on_progress: Progress | None = None, total: int | None = None,
+                    patience: float = 300.0) -> list[dict[str, Any]]:
+        """Submit runs through POST /v1/runs/batch, `chunk_size` (at most 1000) a request:
+        one entry per item, in order, the run object or `{"error": {"code", "message",
+        "field"}}`. An item is the body of submit, plus "idempotency_key" if wanted.
+
+        `items` is read a chunk at a time, so an iterator of any length is fine. A chunk
+        refused whole with 429 accepted nothing: it is sent again after its Retry-After
+        (each wait at most 60 s, all at most `patience` s). One whose answer is lost is
+        not, and no key is made up here: give each item an idempotency key, so that
+        sending the batch again after a failure returns the runs made, never doubles
+        them. A chunk over the server's cap (422 on "runs") is sent in halves.
+        `on_progress(done, total)` follows each request; `total` defaults to `len(items)`.
+
+        Raises:
+            BatchInterruptedError: a chunk failed otherwise; its `results` are the
+                entries of the items before that chunk, its `cause` the failure.
+        """
+        if not 1 <= chunk_size <= BATCH_MAX_ITEMS:
+            raise ValueError(f"chunk_size must be 1 to {BATCH_MAX_ITEMS}, got {chunk_size}")
+        if total is None and isinstance(items, Sized):
+            total = len(items)
+        results: list[dict[str, Any]] = []
+        size, waited = chunk_size, 0.0
+        for chunk in chunked(items, chunk_size):
+            sent = 0
+            while sent < len(chunk):
+                part = chunk[sent:sent + size]
+                try:
+                    results.extend(self._post_batch(part))
+                except ApiError as exc:
+                    if exc.status == 422 and exc.field == "runs" and len(part) > 1:
+                        size = (len(part) + 1) // 2
+                        continue
+                    pause = min(exc.retry_after or 1.0, RETRY_AFTER_MAX_SECONDS)
+                    if exc.status != 429 or waited + pause > patience:
+                        raise BatchInterruptedError(results=results, cause=exc) from exc
+                    time.sleep(pause)
+                    waited += pause
+                    continue
+                except RunnerError as exc:
+                    raise BatchInterruptedError(results=results, cause=exc) from exc
+                sent += len(part)
+                if on_progress is not None:
+                    on_progress(len(results), total)
+        return results
+
+    def _post_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        response = self._request("POST", "/v1/runs/batch", json={"runs": items})
+        try:
+            entries: list[dict[str, Any]] = response.json()["items"]
+            if len(entries) == len(items):
+                return entries
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise RunnerError(f"the API's answer to a batch of {len(items)} is not "
+                          f"{len(items)} items: {response.text[:200]}")
 
     def run(self, run_id: str) -> dict[str, Any]:
         run: dict[str, Any] = self._request("GET", f"/v1/runs/{run_id}").json()
@@ -327,6 +417,14 @@ class RunnerClient:
             if time.monotonic() > deadline:
                 raise RunnerError(f"run {run_id} still {run['status']} after {timeout:g}s")
             time.sleep(poll)
+
+
+def _seconds(value: str | None) -> float | None:
+    """A Retry-After of delta-seconds as a number; None for none, or a date."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 def _segment(value: str) -> str:

@@ -1,6 +1,6 @@
-"""Progress bars on stderr for uploads and downloads.
+"""Progress bars on stderr for uploads, downloads and batches of runs.
 
-Shown only when stderr is a terminal and a transfer is at least 1 MiB, so scripts,
+Shown only when stderr is a terminal (and a transfer is at least 1 MiB), so scripts,
 pipes and small files see nothing on stderr but errors; stdout keeps the JSON.
 """
 
@@ -44,20 +44,9 @@ class Transfers:
 
     def _start(self) -> Any:
         if self._bars is None:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
+            from rich.progress import DownloadColumn, TransferSpeedColumn
 
-            self._bars = Progress(TextColumn("{task.description}"), BarColumn(),
-                                  DownloadColumn(), TransferSpeedColumn(),
-                                  TimeRemainingColumn(), console=Console(stderr=True))
-            self._bars.start()
+            self._bars = _started_bars(DownloadColumn(), TransferSpeedColumn())
         return self._bars
 
     def __enter__(self) -> Transfers:
@@ -68,3 +57,44 @@ class Transfers:
         if self._bars is not None:
             self._bars.stop()
             self._bars = None
+
+
+class Batch:
+    """`with Batch("submit") as bar: client.submit_many(items, on_progress=bar.update)`:
+    one bar of items done on stderr, from the first report on (rich loads only then)."""
+
+    def __init__(self, label: str, *, enabled: bool | None = None) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._bars: Any = None
+        self._task: Any = None
+
+    def update(self, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        if self._bars is None:
+            from rich.progress import MofNCompleteColumn
+
+            self._bars = _started_bars(MofNCompleteColumn())
+            self._task = self._bars.add_task(self.label, total=total)
+        self._bars.update(self._task, completed=done, total=total)
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+            self._bars = None
+
+
+def _started_bars(*counts: Any) -> Any:
+    """A started rich Progress on stderr: label, bar, `counts`, time remaining."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), *counts,
+                    TimeRemainingColumn(), console=Console(stderr=True))
+    bars.start()
+    return bars
