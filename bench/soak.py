@@ -30,17 +30,21 @@ import docker
 import psycopg
 import yaml
 
+from runner.control.batches import submit_batch
 from runner.control.lifecycle import Lifecycle
 from runner.control.migrate import upgrade
 from runner.control.queue import RunQueue
 from runner.control.runs import Submission, submit
 from runner.control.store import Store
+from runner.domain import Priority, Run
+from runner.errors import RunnerError
 from runner.manifest import load_manifest
 from runner.sandbox import MANAGED_LABEL, RUN_LABEL, WORKER_LABEL
 from runner.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = "postgresql://runner:runner@127.0.0.1:5439/runner"
+BATCH = 25
 
 
 def main() -> None:
@@ -54,11 +58,18 @@ def main() -> None:
     work = ROOT / "var" / "soak" / tag
     work.mkdir(parents=True)
 
-    sleep = load_manifest(args.manifest).find("sleep")
-    assert sleep is not None, "run `runner dev up` first: it pins the sample images"
+    if args.manifest.exists():
+        found = load_manifest(args.manifest).find("sleep")
+        image = found.image if found is not None else None
+    else:  # no `runner dev up` here: build and pin the sample as the benchmarks do
+        sys.path.insert(0, str(ROOT))
+        from bench.stack import publish_samples
+
+        image = publish_samples(["sleep"], docker.from_env())["sleep"]["image"]
+    assert image is not None, f"no sleep processor in {args.manifest}"
     manifest = work / "manifest.yaml"
     manifest.write_text(yaml.safe_dump({"version": 1, "processors": [{
-        "name": "soak", "version": "1", "image": sleep.image,
+        "name": "soak", "version": "1", "image": image,
         "limits": {"cpus": 0.2, "memory": "16Mi", "pids": 8, "timeout": "60s"},
         "retry": {"max_attempts": 20, "backoff": {"initial": "100ms", "max": "1s"},
                   "on": ["worker_lost", "docker_unavailable"]}}]}))
@@ -94,10 +105,32 @@ def main() -> None:
     time.sleep(3)
     started = time.monotonic()
     manifest_now = load_manifest(manifest)
+    options: dict[str, Any] = {"manifest": manifest_now, "store": store, "queue": queue,
+                               "default_queue": settings.queue, "stop_grace_seconds": 1}
+
+    def seconds() -> dict[str, float]:
+        return {"seconds": round(random.uniform(0.2, 1.5), 2)}
+
+    # Half one by one, half in batches of two tenants with mixed priorities, each batch
+    # sent twice with its items' keys (a client retrying after a lost answer): the
+    # second must return the same runs and queue nothing more.
+    singles = args.runs // 2
     ids = [submit(Submission(tenant="soak", processor="soak", version=None,
-                             input={"seconds": round(random.uniform(0.2, 1.5), 2)}),
-                  manifest=manifest_now, store=store, queue=queue, default_queue=settings.queue,
-                  stop_grace_seconds=1).id for _ in range(args.runs)]
+                             input=seconds()), **options).id for _ in range(singles)]
+    resent_differently = 0
+    for first in range(singles, args.runs, BATCH):
+        tenant = random.choice(["soak", "soak-b"])
+        items: list[Submission | RunnerError] = [Submission(
+            tenant=tenant, processor="soak", version=None, input=seconds(),
+            priority=random.choice(list(Priority)), idempotency_key=f"{tag}-{n}")
+            for n in range(first, min(first + BATCH, args.runs))]
+        made = submit_batch(items, admit=lambda n: n, **options)
+        again = submit_batch(items, admit=lambda n: n, **options)
+        assert all(isinstance(r, Run) for r in made), made
+        resent_differently += sum(not isinstance(b, Run) or b.id != a.id
+                                  for a, b in zip(made, again, strict=True)
+                                  if isinstance(a, Run))
+        ids.extend(r.id for r in made if isinstance(r, Run))
     wanted = set(ids)
 
     stop = threading.Event()
@@ -161,7 +194,9 @@ def main() -> None:
                                               filters={"label": MANAGED_LABEL})
             if (c.attrs.get("Labels") or {}).get(WORKER_LABEL, "").startswith(f"soak-{tag}")]
     report: dict[str, Any] = {
-        "runs": args.runs, "workers": args.workers, "worker_kills": len(kills),
+        "runs": args.runs, "batched": args.runs - singles,
+        "batch_resends_answered_differently": resent_differently,
+        "workers": args.workers, "worker_kills": len(kills),
         "elapsed_s": round(elapsed, 1), "succeeded": succeeded,
         "runs_lost": args.runs - succeeded,
         "runs_executed_twice_at_once": len(overlaps),
@@ -181,7 +216,7 @@ def main() -> None:
     store.close()
     with psycopg.connect(PG, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    if report["runs_lost"] or overlaps or left or double_success:
+    if report["runs_lost"] or overlaps or left or double_success or resent_differently:
         raise SystemExit(1)
 
 
