@@ -102,6 +102,20 @@ def unserved(queued: Mapping[str, int], served: Collection[str]) -> dict[str, in
             if count and queue not in served}
 
 
+def _held(status: bytes | None, started_at: bytes | None, now: datetime) -> bool:
+    """Whether a job with this status and start time counts as held (see `holds`)."""
+    if status in HELD_STATES:
+        return True
+    if status != b"started" or not started_at:
+        return False
+    text = started_at.decode() if isinstance(started_at, bytes) else str(started_at)
+    try:
+        started = utcparse(text)  # RQ's own reader of the timestamps it writes
+    except ValueError:
+        return False
+    return (now - started).total_seconds() < STARTED_HOLD_SECONDS
+
+
 class RunQueue:
     """Puts run attempts on the RQ queue each run's processor is routed to: in the
     run's tenant lane (`fair`, runner/control/lanes.py), or on the queue's one FIFO
@@ -210,21 +224,27 @@ class RunQueue:
     def holds(self, run: Run) -> bool:
         """True while Redis has the run's next attempt waiting to be picked up, or a
         worker picked it up a moment ago and is claiming it."""
+        return bool(self.holding([run]))
+
+    def holding(self, runs: Sequence[Run]) -> set[str]:
+        """The ids of `runs` that Redis holds (as `holds` tells one), in one round trip.
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached.
+        """
+        if not runs:
+            return set()
         try:
-            status, started_at = self.redis.hmget(
-                Job.key_for(job_id(run.id, run.attempt + 1)), ["status", "started_at"])
+            pipe = self.redis.pipeline(transaction=False)
+            for run in runs:
+                pipe.hmget(Job.key_for(job_id(run.id, run.attempt + 1)),
+                           ["status", "started_at"])
+            found = pipe.execute()
         except RedisError as exc:
             raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
-        if status in HELD_STATES:
-            return True
-        if status != b"started" or not started_at:
-            return False
-        text = started_at.decode() if isinstance(started_at, bytes) else str(started_at)
-        try:
-            started = utcparse(text)  # RQ's own reader of the timestamps it writes
-        except ValueError:
-            return False
-        return (datetime.now(UTC) - started).total_seconds() < STARTED_HOLD_SECONDS
+        now = datetime.now(UTC)
+        return {run.id for run, (status, started_at) in zip(runs, found, strict=True)
+                if _held(status, started_at, now)}
 
     def try_lock(self, name: str, token: str, *, seconds: float) -> bool:
         """Take the short named lock `name` for `token`; False if another holds it.

@@ -10,7 +10,7 @@ them on SQLite with a fake sandbox (tests/support/fakes.py) and no Docker.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -66,6 +66,8 @@ class QueuePort(Protocol):
     """The reconciler's view of Redis (implemented by `runner.control.queue.RunQueue`)."""
 
     def holds(self, run: Run) -> bool: ...
+
+    def holding(self, runs: Sequence[Run]) -> set[str]: ...
 
     def enqueue_once(self, run: Run, *, stop_grace_seconds: float = 5.0,
                      window_seconds: float = 10.0) -> bool: ...

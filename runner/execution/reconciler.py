@@ -33,6 +33,11 @@ from runner.sandbox import ATTEMPT_LABEL, RUN_LABEL
 log = structlog.get_logger(__name__)
 
 LOCK_KEY = "runner:reconciler:lock"
+# The half-second requeue pass: one process at a time, for a little less than the
+# interval, over at most FAST_PASS_DUE runs; the full pass looks at FULL_PASS_DUE.
+REQUEUE_LOCK_KEY = "runner:reconciler:requeue"
+REQUEUE_LOCK_SECONDS = 0.4
+FAST_PASS_DUE, FULL_PASS_DUE = 50, 500
 FOREIGN_RUN_PATIENCE_SECONDS = 300
 
 
@@ -158,15 +163,36 @@ class Reconciler:
             policy=policy, attempt=run.attempt, now=utcnow())
 
 
-    def requeue_due(self) -> list[str]:
+    def requeue_due(self, *, limit: int = FULL_PASS_DUE, exclusive: bool = False
+                    ) -> list[str]:
         """Enqueue queued runs that are due but not in Redis: retries whose backoff is
-        over, and first attempts lost on the way (after the grace period). Cheap;
-        workers run it every half second."""
+        over, and first attempts lost on the way (after the grace period), up to
+        `limit` of them, retries first.
+
+        Workers run it every half second with `exclusive`: then one process at a time
+        (a short Redis lock) looks at FAST_PASS_DUE runs, whose Redis jobs are checked
+        in one round trip. With a deep queue, the oldest queued runs are each such a
+        candidate, so the cost of the pass must not grow with the workers or the backlog.
+        """
+        if exclusive:
+            try:
+                if not self.queue.try_lock(REQUEUE_LOCK_KEY, "1",
+                                           seconds=REQUEUE_LOCK_SECONDS):
+                    return []
+            except RunnerError as exc:
+                log.warning("requeue_failed", error=exc.message)
+                return []
         cutoff = utcnow() - timedelta(seconds=self.grace_seconds)
         requeued: list[str] = []
-        for run in self.ledger.due_queued(older_than=cutoff):
+        due = self.ledger.due_queued(older_than=cutoff, limit=limit)
+        try:
+            held = self.queue.holding(due)
+        except RunnerError as exc:
+            log.warning("requeue_failed", error=exc.message)
+            return requeued
+        for run in due:
             try:
-                if self.queue.holds(run) or not self.queue.enqueue_once(
+                if run.id in held or not self.queue.enqueue_once(
                         run, stop_grace_seconds=self.stop_grace_seconds):
                     continue
             except RunnerError as exc:

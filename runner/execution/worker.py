@@ -40,7 +40,7 @@ from runner.errors import RunnerError, ServiceUnavailableError
 from runner.execution.executor import Executor
 from runner.execution.health import WorkerHealth, serve
 from runner.execution.ports import FaultHook, no_fault
-from runner.execution.reconciler import Reconciler, Report
+from runner.execution.reconciler import FAST_PASS_DUE, Reconciler, Report
 from runner.execution.wiring import WorkerServices, sandbox_config
 from runner.observability.logsetup import bind_process
 from runner.observability.metrics import WorkerMetrics
@@ -106,7 +106,7 @@ def _reconcile_forever(reconciler: Reconciler, interval: float, stop: threading.
                 next_pass = time.monotonic() + interval
                 _count(metrics, reconciler.run_once())
             else:
-                requeued = reconciler.requeue_due()
+                requeued = reconciler.requeue_due(limit=FAST_PASS_DUE, exclusive=True)
                 if requeued:
                     metrics.reconciler.labels("requeued").inc(len(requeued))
         except Exception:

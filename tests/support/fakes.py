@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -303,6 +303,9 @@ class FakeQueue:
         self._check()
         with self._lock:
             return (run.id, run.attempt + 1) in self.jobs
+
+    def holding(self, runs: Sequence[Run]) -> set[str]:
+        return {run.id for run in runs if self.holds(run)}
 
     def enqueue_once(self, run: Run, *, stop_grace_seconds: float = 5.0,
                      window_seconds: float = 10.0) -> bool:

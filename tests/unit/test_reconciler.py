@@ -16,7 +16,7 @@ from runner.control.lifecycle import ClaimStatus, Lifecycle
 from runner.control.store import Store
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
 from runner.errors import DockerUnavailableError
-from runner.execution.reconciler import Reconciler
+from runner.execution.reconciler import FAST_PASS_DUE, Reconciler
 from runner.manifest import ManifestSource
 from tests.support.fakes import FakeQueue, FakeSandbox
 from tests.unit.conftest import ManifestMaker, NewRunMaker, past, set_run
@@ -250,6 +250,22 @@ def test_a_run_the_queue_holds_is_not_enqueued(reconciler: Reconciler, queue: Fa
     queue.hold(held)
     assert reconciler.run_once().requeued == [lost.id]
     assert queue.enqueued == [lost.id]
+
+
+def test_the_half_second_pass_runs_in_one_process_at_a_time_over_a_few_runs(
+        reconciler: Reconciler, queue: FakeQueue, new_run: NewRunMaker) -> None:
+    """With a deep queue every old queued run is a candidate: the frequent pass looks
+    at a bounded number, and only while no other process is doing it."""
+    runs = [new_run() for _ in range(FAST_PASS_DUE + 5)]
+    queue.lock_holder = "another worker"
+    assert reconciler.requeue_due(limit=FAST_PASS_DUE, exclusive=True) == []
+    assert queue.enqueued == []
+    queue.lock_holder = None
+    first = reconciler.requeue_due(limit=FAST_PASS_DUE, exclusive=True)
+    assert len(first) == FAST_PASS_DUE and set(first) <= {r.id for r in runs}
+    queue.lock_holder = None  # the short lock has expired; the full pass looks further
+    rest = reconciler.requeue_due()
+    assert sorted(first + rest) == sorted(r.id for r in runs)  # the held ones are skipped
 
 
 def test_only_runs_past_the_grace_or_their_backoff_are_due(
