@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from api.auth import Principal, submitter
 from api.deps import Services, services
 from api.errors import field_of
-from api.routes import StrictJsonRoute
+from api.routes import ERROR_RESPONSES, StrictJsonRoute
 from api.schemas import ErrorOut, RunCreate, RunOut, WebhookOut
 from runner.control.batches import ItemResult, submit_batch
 from runner.control.outbox import WAITING, WebhookStatus, webhook_status
@@ -28,7 +28,7 @@ from runner.domain import Run
 from runner.errors import InvalidRequestError, RunnerError
 from runner.observability.telemetry import traceparent
 
-router = APIRouter(prefix="/v1", route_class=StrictJsonRoute)
+router = APIRouter(prefix="/v1", route_class=StrictJsonRoute, responses=ERROR_RESPONSES)
 
 CONTRACT_MAX_ITEMS = 1000
 

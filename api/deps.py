@@ -123,7 +123,8 @@ class Services:
                    webhook_rules=WebhookRules.from_settings(settings), webhooks=webhooks)
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    """The process's services (async: a plain `def` dependency costs a thread hop)."""
     svc: Services = request.app.state.services
     return svc
 

@@ -17,15 +17,15 @@ from opentelemetry import trace
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from api.auth import Principal, submitter, viewer
+from api.auth import Principal, submission, submitter, viewer
 from api.deps import Services, run_or_404, services
+from api.metrics import ApiMetrics
 from api.schemas import (
     ArtifactOut,
     AttemptOut,
     ErrorOut,
     ProcessorList,
     ProcessorOut,
-    ReuseOptions,
     RunCreate,
     RunList,
     RunListItem,
@@ -33,13 +33,12 @@ from api.schemas import (
     WebhookOut,
 )
 from runner.control.outbox import webhook_status
-from runner.control.runs import Submission, replay, submit
+from runner.control.runs import replay, submit
 from runner.control.store import RUN_VALUES
 from runner.control.strictjson import strict_loads
 from runner.domain import Run, RunStatus
 from runner.errors import InvalidRequestError, ServiceUnavailableError
 from runner.observability.telemetry import traceparent
-from runner.units import parse_duration
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +67,9 @@ class StrictJsonRoute(APIRoute):
         return strict
 
 
-router = APIRouter(prefix="/v1", route_class=StrictJsonRoute, responses={
+# The error answers every /v1 route may give, for its OpenAPI operation (api/batches.py
+# can pass the same to its router).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "Missing, unknown or revoked API key"},
     403: {"model": ErrorOut, "description": "The key's role does not allow this"},
     422: {"model": ErrorOut, "description": "Invalid request"},
@@ -77,7 +78,8 @@ router = APIRouter(prefix="/v1", route_class=StrictJsonRoute, responses={
     503: {"model": ErrorOut, "description": "Database unavailable or busy, or too many log "
                                             "follows; see Retry-After when present",
           "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
-})
+}
+router = APIRouter(prefix="/v1", route_class=StrictJsonRoute, responses=ERROR_RESPONSES)
 
 FOLLOW_POLL_SECONDS = 0.25
 FOLLOW_READ_BYTES = 1024 * 1024  # the most a follow reads (and sends) in one step
@@ -116,30 +118,35 @@ def _no_nul(value: str | None, field: str) -> None:
 
 @router.post("/runs", tags=["runs"], status_code=202, response_model=RunOut,
              responses={503: {"model": ErrorOut, "description": "Database unavailable"}})
-def create_run(body: RunCreate, who: Annotated[Principal, Depends(submitter)],
-               svc: Annotated[Services, Depends(services)], request: Request,
-               idempotency_key: Annotated[str | None, Header(
-                   alias="Idempotency-Key", min_length=1, max_length=128,
-                   description="The same key with the same body returns the same run")] = None,
-               ) -> RunOut:
+async def create_run(body: RunCreate, who: Annotated[Principal, Depends(submission)],
+                     request: Request,
+                     idempotency_key: Annotated[str | None, Header(
+                         alias="Idempotency-Key", min_length=1, max_length=128,
+                         description="The same key with the same body returns the same "
+                                     "run")] = None,
+                     ) -> Response:
     """Submit a run of an allowlisted processor; answers with the queued run."""
-    svc.count_submission(who.tenant)
-    reuse = body.reuse is not False
-    max_age = (parse_duration(body.reuse.max_age)
-               if isinstance(body.reuse, ReuseOptions) and body.reuse.max_age else None)
-    run = submit(
-        Submission(tenant=who.tenant, processor=body.processor, version=body.version,
-                   input=body.input, timeout_seconds=body.timeout_seconds, labels=body.labels,
-                   idempotency_key=idempotency_key,
-                   traceparent=traceparent(trace.get_current_span()),
-                   files=body.files, reuse=reuse, reuse_max_age=max_age,
-                   webhook_url=body.webhook_url, priority=body.priority),
-        manifest=svc.manifests.current(), store=svc.store, queue=svc.queue,
-        **svc.submit_options())
+    # The key, its limits and the tenant's submission were counted by `submission`;
+    # the rest is one worker-thread hop, and the answer is serialized once, there.
+    content = await run_in_threadpool(_create_run, request.app.state.services,
+                                      request.app.state.metrics, body, who,
+                                      idempotency_key)
+    return Response(content, status_code=202, media_type="application/json")
+
+
+def _create_run(svc: Services, metrics: ApiMetrics, body: RunCreate, who: Principal,
+                idempotency_key: str | None) -> bytes:
+    """`create_run`'s blocking part: the submission, recorded and queued; its run
+    object as JSON (exactly what `response_model=RunOut` would send)."""
+    run = submit(body.submission(who.tenant, idempotency_key=idempotency_key,
+                                 traceparent=traceparent(trace.get_current_span())),
+                 manifest=svc.manifests.current(), store=svc.store, queue=svc.queue,
+                 **svc.submit_options())
     if run.reused_from is not None:
-        request.app.state.metrics.reused.labels(run.processor).inc()
-    request.app.state.metrics.submitted.labels(run.processor).inc()
-    return RunOut.of(run, webhook=_webhook(svc, run) if body.webhook_url else None)
+        metrics.reused.labels(run.processor).inc()
+    metrics.submitted.labels(run.processor).inc()
+    out = RunOut.of(run, webhook=_webhook(svc, run) if body.webhook_url else None)
+    return out.model_dump_json(by_alias=True).encode()
 
 
 @router.get("/runs", tags=["runs"], response_model=RunList)
@@ -263,10 +270,9 @@ def cancel_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
 @router.post("/runs/{run_id}/replay", tags=["runs"], status_code=202, response_model=RunOut,
              responses={404: {"model": ErrorOut, "description": "No such run"},
                         409: {"model": ErrorOut, "description": "The run has not ended"}})
-def replay_run(run_id: str, who: Annotated[Principal, Depends(submitter)],
+def replay_run(run_id: str, who: Annotated[Principal, Depends(submission)],
                svc: Annotated[Services, Depends(services)], request: Request) -> RunOut:
     """A new run of an ended run's processor version and input, linked by `replay_of`."""
-    svc.count_submission(who.tenant)
     run = replay(run_id, tenant=who.tenant, manifest=svc.manifests.current(),
                  store=svc.store, queue=svc.queue, **svc.submit_options(),
                  traceparent=traceparent(trace.get_current_span()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 import typer
@@ -13,15 +14,31 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 
 @command
 def api_command(host: Annotated[str | None, typer.Option()] = None,
-                port: Annotated[int | None, typer.Option()] = None) -> None:
+                port: Annotated[int | None, typer.Option()] = None,
+                workers: Annotated[int, typer.Option(
+                    min=1, max=64, help="API processes serving the one port")] = 1) -> None:
     """Serve the HTTP API."""
     import uvicorn
 
     from api.app import create_app
 
     cfg = settings("api")
-    uvicorn.run(create_app(cfg), host=host or cfg.api_host, port=port or cfg.api_port,
-                log_level="warning", access_log=False, log_config=None)
+    serve = functools.partial(uvicorn.run, host=host or cfg.api_host,
+                              port=port or cfg.api_port, log_level="warning",
+                              access_log=False, log_config=None)
+    if workers == 1:
+        serve(create_app(cfg))
+        return
+    # uvicorn's supervisor binds the port and starts `workers` processes, each
+    # building its own app (pools, caches, limits) from the same environment: see
+    # docs/scaling.md for the per-process caps that then multiply. What would stop
+    # every one of them is checked here first, to fail once with one clear line.
+    from runner.control.migrate import require_current_schema
+    from runner.manifest import ManifestSource
+
+    require_current_schema(cfg.database_url)
+    ManifestSource(cfg.manifest)
+    serve("api.app:app_from_environment", factory=True, workers=workers)
 
 
 @command

@@ -8,12 +8,18 @@ Failures (failed authentications from one address) are counted the same way, but
 the one that reaches the limit blocks the name for a whole window from that moment
 (`strike`, `check_block`), so what is refused does not depend on where a clock
 window happens to end.
+
+`admit` is `check_block` followed by `hit` on several counters, in one round trip (a
+Lua script, so the order and the stop at the first refusal are exactly theirs): what
+every authenticated request pays.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import structlog
 from redis import Redis
@@ -24,9 +30,83 @@ from runner.errors import RateLimitedError
 log = structlog.get_logger(__name__)
 
 
+# KEYS[1]: the block key, or "" for none; KEYS[2..]: the counters of this window.
+# ARGV: for each counter, its limit then its expiry in seconds.
+# Returns {0, 0} when admitted, {-1, ms left} when blocked, {i, count} when counter i
+# (1-based) went over its limit; counters after a refusal are not counted, as a
+# sequence of `hit` calls would leave them.
+_ADMIT = """
+if KEYS[1] ~= '' then
+  local left = redis.call('PTTL', KEYS[1])
+  if left > 0 then return {-1, left} end
+end
+for i = 2, #KEYS do
+  local count = redis.call('INCR', KEYS[i])
+  redis.call('EXPIRE', KEYS[i], ARGV[2 * i - 2])
+  if count > tonumber(ARGV[2 * i - 3]) then return {i - 1, count} end
+end
+return {0, 0}
+"""
+
+
+def _over(what: str, limit: int, window_seconds: int, now: float) -> RateLimitedError:
+    """The refusal of an event past `limit` in the clock window holding `now`."""
+    retry_after = max(1, math.ceil((int(now // window_seconds) + 1) * window_seconds - now))
+    return RateLimitedError(f"{what}: over {limit} per {window_seconds}s; "
+                            f"retry after {retry_after}s", retry_after=retry_after)
+
+
+def _blocked(what: str, left_ms: int) -> RateLimitedError:
+    """The refusal of a name blocked for `left_ms` more milliseconds."""
+    retry_after = max(1, math.ceil(left_ms / 1000))
+    return RateLimitedError(f"{what}; retry after {retry_after}s", retry_after=retry_after)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """`limit` events of `name` per window of `window_seconds` (0: no limit); `what`
+    names them in the refusal."""
+
+    name: str
+    limit: int
+    window_seconds: int
+    what: str
+
+
 class RateLimiter:
     def __init__(self, redis: Redis, *, prefix: str = "runner:rate") -> None:
         self.redis, self.prefix = redis, prefix
+        self._admit = redis.register_script(_ADMIT)  # loaded on first use (EVALSHA)
+
+    def admit(self, limits: Sequence[Limit], *, block: str | None = None,
+              block_what: str = "") -> None:
+        """`check_block(block)` (when given), then `hit` on each of `limits` in order,
+        in one round trip; a refusal stops there, so later limits count nothing.
+
+        Raises:
+            RateLimitedError: `block` is blocked (`block_what`, the seconds left), or a
+                limit is over (its `what`, the seconds to the end of its window).
+        """
+        active = [limit for limit in limits if limit.limit > 0]
+        if block is None and not active:
+            return
+        now = time.time()
+        keys = [f"{self.prefix}:block:{block}" if block is not None else ""]
+        args: list[int] = []
+        for limit in active:
+            window = int(now // limit.window_seconds)
+            keys.append(f"{self.prefix}:{limit.name}:{window}")
+            args += [limit.limit, limit.window_seconds + 1]
+        try:
+            which, value = (int(x) for x in self._admit(keys=keys, args=args))
+        except RedisError as exc:
+            log.warning("rate_limit_unavailable", name=keys[-1], error=str(exc))
+            return
+        if which < 0:
+            raise _blocked(block_what, value)
+        if which > 0:
+            over = active[which - 1]
+            raise _over(over.what, over.limit, over.window_seconds, now)
 
     def hit(self, name: str, *, limit: int, window_seconds: int, what: str) -> None:
         """Count one event against `limit` per window; 0 disables the limit.
@@ -42,9 +122,7 @@ class RateLimiter:
         if count is None:
             return
         if count > limit:
-            retry_after = max(1, math.ceil((window + 1) * window_seconds - now))
-            raise RateLimitedError(f"{what}: over {limit} per {window_seconds}s; "
-                                   f"retry after {retry_after}s", retry_after=retry_after)
+            raise _over(what, limit, window_seconds, now)
 
     def take(self, name: str, n: int, *, limit: int, window_seconds: int) -> int:
         """Count up to `n` events against `limit` per window, as many as still fit:
@@ -82,9 +160,7 @@ class RateLimiter:
             log.warning("rate_limit_unavailable", name=name, error=str(exc))
             return
         if left_ms > 0:  # -2: no block; -1 (no expiry) is never set
-            retry_after = max(1, math.ceil(left_ms / 1000))
-            raise RateLimitedError(f"{what}; retry after {retry_after}s",
-                                   retry_after=retry_after)
+            raise _blocked(what, left_ms)
 
     def strike(self, name: str, *, limit: int, window_seconds: int) -> None:
         """Count one failure of `name`; the `limit`-th in a window blocks `name` for
