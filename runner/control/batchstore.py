@@ -12,19 +12,17 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from datetime import datetime
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from runner.control.models import RunFileRow, RunRow, TenantRow
+from runner.control.models import RunFileRow, RunRow
 from runner.control.outbox import outbox_row
-from runner.control.rows import run_from_row
-from runner.control.store import Store, add_artifacts, rows_changed
-from runner.domain import NewRun, Run, RunStatus, utcnow
+from runner.control.rows import new_values, run_from_row, snapshot
+from runner.control.store import Store, active_runs_locked, add_artifacts
+from runner.domain import NewRun, Run, utcnow
 from runner.errors import InvalidRequestError, QuotaExceededError, RunnerError
 
 # One item's outcome: (its run, whether this batch created it), or why it was refused.
@@ -34,36 +32,6 @@ Outcome = tuple[Run, bool] | RunnerError
 def _key_conflict() -> InvalidRequestError:
     return InvalidRequestError("this idempotency_key was used with a different request",
                                field="idempotency_key")
-
-
-def _new_values(new: NewRun, webhook_url: str | None, run_id: str,
-                now: datetime) -> dict[str, Any]:
-    """The `runs` row of a new run, as column values (written by one multi-row INSERT,
-    without the ORM's per-object bookkeeping)."""
-    reused = new.reused_from is not None
-    return {
-        "id": run_id, "tenant": new.tenant,
-        "status": (RunStatus.SUCCEEDED if reused else RunStatus.QUEUED).value,
-        "processor": new.processor, "version": new.version, "image": new.image,
-        "queue": new.queue, "input": new.input, "labels": new.labels,
-        "timeout_seconds": new.timeout_seconds, "attempt": 0,
-        "max_attempts": new.max_attempts, "manifest_revision": new.manifest_revision,
-        "log_bytes": 0, "log_truncated": False, "created_at": now,
-        "idempotency_key": new.idempotency_key, "request_hash": new.request_hash,
-        "replay_of": new.replay_of, "traceparent": new.traceparent,
-        "files": dict(new.files) or None, "reuse_key": new.reuse_key,
-        "reused_from": new.reused_from, "result": new.result if reused else None,
-        "started_at": now if reused else None, "finished_at": now if reused else None,
-        "exit_code": 0 if reused else None, "webhook_url": webhook_url,
-        "priority": new.priority.value}
-
-
-def _snapshot(values: dict[str, Any]) -> Run:
-    """The run just written, from its values (the columns not written are unset)."""
-    unset = dict.fromkeys(("result", "exit_code", "error_code", "error_message",
-                           "worker_id", "started_at", "finished_at", "next_attempt_at",
-                           "lease_expires_at", "cancel_requested_at", "error_stage"))
-    return run_from_row(cast(RunRow, SimpleNamespace(**{**unset, **values})))
 
 
 def new_run_ids(count: int) -> list[str]:
@@ -129,7 +97,7 @@ def _record(session: Session, tenant: str, items: Sequence[tuple[NewRun, str | N
             if row.idempotency_key}
     room = None
     if max_active > 0:
-        room = max_active - _active_under_lock(session, tenant)
+        room = max_active - active_runs_locked(session, tenant, max_active)
     outcomes: list[Outcome] = []
     in_batch: dict[str, tuple[str | None, int]] = {}  # key -> (request hash, index)
     rows: list[tuple[dict[str, Any], NewRun]] = []
@@ -154,11 +122,11 @@ def _record(session: Session, tenant: str, items: Sequence[tuple[NewRun, str | N
                     "runs", retry_after=5))
                 continue
             room -= 1
-        values = _new_values(new, webhook_url, next(ids), now)
+        values = new_values(new, webhook_url, next(ids), now)
         if key is not None:
             in_batch[key] = (new.request_hash, len(outcomes))
         rows.append((values, new))
-        outcomes.append((_snapshot(values), True))
+        outcomes.append((snapshot(values), True))
     if rows:
         session.execute(insert(RunRow), [values for values, _ in rows])
     for values, new in rows:
@@ -177,16 +145,3 @@ def _same_as(outcomes: list[Outcome], index: int) -> Outcome:
     """An item repeating an earlier item's key and request: that item's run, not new."""
     first = outcomes[index]
     return (first[0], False) if isinstance(first, tuple) else first
-
-
-def _active_under_lock(session: Session, tenant: str) -> int:
-    """The tenant's queued and running runs, counted under its row lock (held to
-    commit: quota checks of one tenant run one by one)."""
-    if rows_changed(session, update(TenantRow).where(TenantRow.tenant == tenant)
-                    .values(touched_at=utcnow())) == 0:
-        session.add(TenantRow(tenant=tenant, touched_at=utcnow()))
-        session.flush()
-    active = session.scalar(select(func.count()).select_from(RunRow).where(
-        RunRow.tenant == tenant,
-        RunRow.status.in_([RunStatus.QUEUED.value, RunStatus.RUNNING.value])))
-    return int(active or 0)

@@ -7,9 +7,11 @@ Kept apart from `store` so every module of the control layer can turn rows into
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any, cast
 
 from runner.control.models import RunRow
-from runner.domain import Priority, Run, RunStatus, utcnow
+from runner.domain import NewRun, Priority, Run, RunStatus, utcnow
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -39,3 +41,33 @@ def run_from_row(row: RunRow) -> Run:
         files=dict(row.files or {}), reuse_key=row.reuse_key, reused_from=row.reused_from,
         priority=Priority(row.priority or Priority.NORMAL),
     )
+
+
+def new_values(new: NewRun, webhook_url: str | None, run_id: str,
+                now: datetime) -> dict[str, Any]:
+    """The `runs` row of a new run, as column values (written by one multi-row INSERT,
+    without the ORM's per-object bookkeeping)."""
+    reused = new.reused_from is not None
+    return {
+        "id": run_id, "tenant": new.tenant,
+        "status": (RunStatus.SUCCEEDED if reused else RunStatus.QUEUED).value,
+        "processor": new.processor, "version": new.version, "image": new.image,
+        "queue": new.queue, "input": new.input, "labels": new.labels,
+        "timeout_seconds": new.timeout_seconds, "attempt": 0,
+        "max_attempts": new.max_attempts, "manifest_revision": new.manifest_revision,
+        "log_bytes": 0, "log_truncated": False, "created_at": now,
+        "idempotency_key": new.idempotency_key, "request_hash": new.request_hash,
+        "replay_of": new.replay_of, "traceparent": new.traceparent,
+        "files": dict(new.files) or None, "reuse_key": new.reuse_key,
+        "reused_from": new.reused_from, "result": new.result if reused else None,
+        "started_at": now if reused else None, "finished_at": now if reused else None,
+        "exit_code": 0 if reused else None, "webhook_url": webhook_url,
+        "priority": new.priority.value}
+
+
+def snapshot(values: dict[str, Any]) -> Run:
+    """The run just written, from its values (the columns not written are unset)."""
+    unset = dict.fromkeys(("result", "exit_code", "error_code", "error_message",
+                           "worker_id", "started_at", "finished_at", "next_attempt_at",
+                           "lease_expires_at", "cancel_requested_at", "error_stage"))
+    return run_from_row(cast(RunRow, SimpleNamespace(**{**unset, **values})))

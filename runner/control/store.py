@@ -29,6 +29,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     select,
     text,
     type_coerce,
@@ -46,7 +47,7 @@ from runner.control.logstore import StoreLogs
 from runner.control.models import ArtifactRow, AttemptRow, RunFileRow, RunRow, TenantRow
 from runner.control.outbox import outbox_row
 from runner.control.reports import StoreReports
-from runner.control.rows import aware, run_from_row
+from runner.control.rows import aware, new_values, run_from_row, snapshot
 from runner.domain import Artifact, NewRun, Run, RunStatus, utcnow
 from runner.errors import InvalidRequestError, QuotaExceededError, ServiceUnavailableError
 
@@ -110,6 +111,22 @@ def rows_changed(session: Session, statement: Executable) -> int:
     """Rows an UPDATE changed: how a conditional write learns whether it won."""
     result = cast(CursorResult[Any], session.execute(statement))
     return result.rowcount
+
+
+def active_runs_locked(session: Session, tenant: str, cap: int) -> int:
+    """The tenant's queued and running runs, counted up to `cap` (a quota check needs
+    no more), under the tenant's row lock: the UPDATE takes it (PostgreSQL; the write
+    lock on SQLite) until commit, so quota checks of one tenant run one by one."""
+    if rows_changed(session, update(TenantRow).where(TenantRow.tenant == tenant)
+                    .values(touched_at=utcnow())) == 0:
+        # The row went away (a restored database): make it again, in this
+        # transaction, so the lock is still held by the insert.
+        session.add(TenantRow(tenant=tenant, touched_at=utcnow()))
+        session.flush()
+    active = select(RunRow.id).where(
+        RunRow.tenant == tenant,
+        RunRow.status.in_([RunStatus.QUEUED.value, RunStatus.RUNNING.value])).limit(cap)
+    return int(session.scalar(select(func.count()).select_from(active.subquery())) or 0)
 
 
 class Store(StoreLogs, StoreReports):
@@ -185,55 +202,27 @@ class Store(StoreLogs, StoreReports):
         if existing is not None:
             return existing, False
         now = utcnow()
-        reused = new.reused_from is not None
-        row = RunRow(
-            id=new_run_id(), tenant=new.tenant,
-            status=(RunStatus.SUCCEEDED if reused else RunStatus.QUEUED).value,
-            processor=new.processor, version=new.version, image=new.image, queue=new.queue,
-            input=new.input, labels=new.labels, timeout_seconds=new.timeout_seconds,
-            attempt=0, max_attempts=new.max_attempts, manifest_revision=new.manifest_revision,
-            log_bytes=0, log_truncated=False, created_at=now,
-            idempotency_key=new.idempotency_key, request_hash=new.request_hash,
-            replay_of=new.replay_of, traceparent=new.traceparent,
-            files=dict(new.files) or None, reuse_key=new.reuse_key,
-            reused_from=new.reused_from, result=new.result if reused else None,
-            started_at=now if reused else None, finished_at=now if reused else None,
-            exit_code=0 if reused else None, webhook_url=webhook_url,
-            priority=new.priority.value,
-        )
+        values = new_values(new, webhook_url, new_run_id(), now)
         if max_active > 0:
             self.ensure_tenant(new.tenant)
         try:
             with self.session() as session:
                 if max_active > 0:
-                    # The UPDATE takes the row lock (PostgreSQL) or the write lock
-                    # (SQLite) until commit: quota checks of one tenant run one by one.
-                    if rows_changed(session, update(TenantRow)
-                                .where(TenantRow.tenant == new.tenant)
-                                .values(touched_at=utcnow())) == 0:
-                        # The row went away (a restored database): make it again, in
-                        # this transaction, so the lock is still held by the insert.
-                        self._tenants_seen.discard(new.tenant)
-                        session.add(TenantRow(tenant=new.tenant, touched_at=utcnow()))
-                        session.flush()
-                    active = session.scalar(select(func.count()).select_from(RunRow).where(
-                        RunRow.tenant == new.tenant,
-                        RunRow.status.in_([RunStatus.QUEUED.value, RunStatus.RUNNING.value])))
-                    if (active or 0) >= max_active:
+                    active = active_runs_locked(session, new.tenant, max_active)
+                    if active >= max_active:
                         raise QuotaExceededError(
                             f"tenant {new.tenant} has {active} queued or running runs, "
                             f"its cap is {max_active}", retry_after=5)
-                session.add(row)
-                session.flush()
+                # One INSERT of the values, without the ORM's unit of work.
+                session.execute(insert(RunRow).values(**values))
                 for name, file_id in new.files.items():
-                    session.add(RunFileRow(run_id=row.id, name=name, tenant=new.tenant,
+                    session.add(RunFileRow(run_id=values["id"], name=name, tenant=new.tenant,
                                            sha256=file_id.removeprefix("sha256:")))
                 # A reuse hit's artifacts are its source's, recorded as its own (attempt 0).
-                add_artifacts(session, row.id, 0, new.tenant, new.artifacts)
-                if reused and webhook_url is not None:
-                    session.add(outbox_row(row.id, webhook_url, now))
-            run = run_from_row(row)
-            return replace(run, artifacts=tuple(new.artifacts)), True
+                add_artifacts(session, values["id"], 0, new.tenant, new.artifacts)
+                if new.reused_from is not None and webhook_url is not None:
+                    session.add(outbox_row(values["id"], webhook_url, now))
+            return replace(snapshot(values), artifacts=tuple(new.artifacts)), True
         except IntegrityError:
             if new.idempotency_key is None:
                 raise
