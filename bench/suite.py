@@ -137,6 +137,10 @@ class Baselines:
         # Same SandboxConfig defaults the runner uses (user, tmpfs size); an instance
         # name no reconciler owns, so nobody else ever touches these containers.
         self.sandbox = Sandbox(client, SandboxConfig(instance=f"bench-{tag}"))
+        # A bare docker-py script puts /run on a plain volume: B2 has no bounded /run
+        # filesystem (the runner's runfs, made per attempt), whose cost the runner's
+        # figures therefore include and B2's do not.
+        self.sandbox._bound_problem = "baseline: a plain /run volume"
         self.api = self.sandbox.api
         self.image_id = self.api.inspect_image(processor.image)["Id"]
         self._count = 0
