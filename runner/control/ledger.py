@@ -2,10 +2,11 @@
 
 The execution layer (executor, guard, reconciler) reads and writes runs only through
 these methods, in the order a run lives them: read it, claim an attempt, renew its
-lease, record its container, append its output, finish it; and, for the reconciler,
-find expired leases and due runs. Each is one call into `Lifecycle` (status changes)
-or `Store` (everything else), so the path of a run reads top to bottom in
-`runner.execution.executor` without hopping between the two.
+lease, record its container, append its output, finish it (a short attempt's
+container record and output go with its end, in one transaction); and, for the
+reconciler, find expired leases and due runs. Each is one call into `Lifecycle`
+(status changes) or `Store` (everything else), so the path of a run reads top to
+bottom in `runner.execution.executor` without hopping between the two.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from runner.control.lifecycle import Claim, Heartbeat, Lifecycle
+from runner.control.lifecycle import AttemptTail, Claim, Heartbeat, Lifecycle
 from runner.control.store import Store
 from runner.domain import Finish, Run
 
@@ -55,10 +56,11 @@ class Ledger:
         self.store.append_log(run_id, attempt, offset=offset, data=data)
 
     def finish(self, run_id: str, attempt: int, outcome: Finish, *,
-               only_if_lease_expired: bool = False) -> bool:
-        """Record the attempt's end; False if it had lost the run (`Lifecycle.finish`)."""
+               only_if_lease_expired: bool = False, tail: AttemptTail | None = None) -> bool:
+        """Record the attempt's end, with its `tail` (last output, container record) in
+        the same transaction; False if it had lost the run (`Lifecycle.finish`)."""
         return self.lifecycle.finish(run_id, attempt, outcome,
-                                     only_if_lease_expired=only_if_lease_expired)
+                                     only_if_lease_expired=only_if_lease_expired, tail=tail)
 
     # The reconciler's side ----------------------------------------------------------
 

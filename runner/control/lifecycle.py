@@ -8,20 +8,37 @@ attempt number: a stalled worker's late write matches no row.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import structlog
-from sqlalchemy import DateTime, and_, delete, func, literal, or_, select, union_all, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from runner.control.logstore import captured_bytes
-from runner.control.models import AttemptRow, RunRow, SlotRow
+from runner.control.models import AttemptRow, LogChunkRow, RunRow, SlotRow
 from runner.control.outbox import record_end
 from runner.control.rows import run_from_row
 from runner.control.store import Store, add_artifacts, rows_changed
@@ -60,6 +77,80 @@ def sources(target: RunStatus) -> list[str]:
     return [s.value for s, targets in ALLOWED.items() if target in targets]
 
 
+# The statements every attempt runs, built once with bound parameters (named p_*):
+# executing a prebuilt statement skips building it and computing its cache key, a
+# few tenths of a millisecond of CPU each, on the path of every run.
+_CLAIM = update(RunRow).where(
+    RunRow.id == bindparam("p_run"), RunRow.status == Q.value,
+    RunRow.attempt == bindparam("p_previous"), RunRow.cancel_requested_at.is_(None),
+).values(status=R.value, attempt=bindparam("p_attempt"), worker_id=bindparam("p_worker"),
+         started_at=bindparam("p_now"), parked_at=None, lease_expires_at=bindparam("p_lease"),
+         next_attempt_at=None, error_code=None, error_message=None, error_stage=None,
+         exit_code=None, finished_at=None)
+_NEW_ATTEMPT = insert(AttemptRow).values(
+    run_id=bindparam("p_run"), number=bindparam("p_attempt"), worker_id=bindparam("p_worker"),
+    host_id=bindparam("p_host"), status=R.value, started_at=bindparam("p_now"))
+_RENEW = update(RunRow).where(
+    RunRow.id == bindparam("p_run"), RunRow.attempt == bindparam("p_attempt"),
+    RunRow.status == R.value,
+).values(lease_expires_at=bindparam("p_lease")).returning(RunRow.cancel_requested_at)
+# The attempt row's end; a tail's container record fills in what it knows.
+_END_ATTEMPT = update(AttemptRow).where(
+    AttemptRow.run_id == bindparam("p_run"), AttemptRow.number == bindparam("p_attempt"),
+).values(status=bindparam("p_status"), exit_code=bindparam("p_exit"),
+         error_code=bindparam("p_error"), error_message=bindparam("p_message"),
+         error_stage=bindparam("p_stage"), log_bytes=bindparam("p_log_bytes"),
+         finished_at=bindparam("p_now"),
+         container_id=func.coalesce(bindparam("p_container", type_=AttemptRow.container_id.type),
+                                    AttemptRow.container_id),
+         image_id=func.coalesce(bindparam("p_image", type_=AttemptRow.image_id.type),
+                                AttemptRow.image_id),
+         # A missing receipt is SQL NULL here, not JSON null, so it keeps one written
+         # while the container ran.
+         provenance=func.coalesce(bindparam("p_provenance", type_=JSON(none_as_null=True)),
+                                  AttemptRow.provenance))
+_TAIL_CHUNK = insert(LogChunkRow).values(
+    run_id=bindparam("p_run"), attempt=bindparam("p_attempt"),
+    offset=bindparam("p_offset"), data=bindparam("p_data"))
+_FREE_SLOT = delete(SlotRow).where(SlotRow.run_id == bindparam("p_run"),
+                                   SlotRow.attempt == bindparam("p_attempt"))
+
+# The requeue pass's question, every half second in every worker.
+_DUE = select(RunRow).where(
+    RunRow.status == Q.value, RunRow.cancel_requested_at.is_(None), RunRow.parked_at.is_(None),
+    or_(and_(RunRow.next_attempt_at.is_(None), RunRow.created_at < bindparam("p_older")),
+        RunRow.next_attempt_at <= bindparam("p_now")),
+).order_by(RunRow.next_attempt_at.is_(None), RunRow.next_attempt_at,
+           RunRow.id).limit(bindparam("p_limit"))
+
+
+@functools.cache
+def _end_statement(target: RunStatus, lease_expired: bool) -> Update:
+    """The fenced UPDATE of an attempt's end as `target` (one per target and fence):
+    it names the states the run may leave and the attempt, and, for a retry, no
+    pending cancel; for the reconciler's take-back, a lease that has expired."""
+    conditions = [RunRow.id == bindparam("p_run"), RunRow.attempt == bindparam("p_attempt"),
+                  RunRow.status.in_(sources(target)), RunRow.status == R.value]
+    if target is Q:
+        # A retry is only written while no cancel is pending; otherwise the run ends
+        # canceled (`Lifecycle.finish`).
+        conditions.append(RunRow.cancel_requested_at.is_(None))
+    if lease_expired:
+        conditions.append(or_(RunRow.lease_expires_at.is_(None),
+                              RunRow.lease_expires_at < bindparam("p_now")))
+    # `captured_bytes` compares the run id with its argument: here, the bound id.
+    stored = captured_bytes(cast(str, bindparam("p_run"))).scalar_subquery()
+    return update(RunRow).where(*conditions).values(
+        status=target.value, exit_code=bindparam("p_exit"), error_code=bindparam("p_error"),
+        error_message=bindparam("p_message"), error_stage=bindparam("p_stage"),
+        result=bindparam("p_result"),
+        log_truncated=RunRow.log_truncated | bindparam("p_truncated", type_=Boolean),
+        lease_expires_at=None, next_attempt_at=bindparam("p_next"),
+        finished_at=bindparam("p_finished"),
+        log_bytes=stored + bindparam("p_tail_bytes", type_=BigInteger),
+    ).returning(RunRow.tenant, RunRow.processor, RunRow.webhook_url)
+
+
 class ClaimStatus(StrEnum):
     CLAIMED = "claimed"
     NOT_DUE = "not_due"          # still waiting out its backoff
@@ -78,6 +169,21 @@ class Claim:
 class Heartbeat:
     owned: bool
     cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class AttemptTail:
+    """What an attempt still holds when it ends: output not yet stored (from byte
+    `log_offset` of the run's log) and what it ran (container, image, provenance
+    receipt), not yet recorded. Written in the transaction of the attempt's end, after
+    its fenced UPDATE: a short run's output and receipt cost no writes of their own,
+    and a fenced-off end writes none of it."""
+
+    log_offset: int = 0
+    log_data: bytes = b""
+    container_id: str | None = None
+    image_id: str | None = None
+    provenance: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -157,17 +263,12 @@ class Lifecycle:
             # The attempt starts once it holds a slot: a start time read before the slot
             # was taken could precede the finish of the run whose slot it inherited.
             now = utcnow()
+        params = {"p_run": run_id, "p_previous": attempt - 1, "p_attempt": attempt,
+                  "p_worker": worker_id, "p_now": now, "p_host": host_id or None,
+                  "p_lease": now + timedelta(seconds=lease_seconds)}
         with self.store.session() as session:
-            changed = rows_changed(session, update(RunRow).where(
-                RunRow.id == run_id, RunRow.status == Q.value, RunRow.attempt == attempt - 1,
-                RunRow.cancel_requested_at.is_(None),
-            ).values(status=R.value, attempt=attempt, worker_id=worker_id, started_at=now,
-                     parked_at=None,
-                     lease_expires_at=now + timedelta(seconds=lease_seconds),
-                     next_attempt_at=None, error_code=None, error_message=None,
-                     error_stage=None, exit_code=None, finished_at=None)
-              .execution_options(synchronize_session=False))
-            if changed != 1:
+            connection = session.connection()
+            if connection.execute(_CLAIM, params).rowcount != 1:
                 # Lost to another claim of the same attempt (a job delivered twice),
                 # which holds a slot of its own under the same run and attempt: free
                 # only the slot this claim took, never the winner's.
@@ -176,8 +277,7 @@ class Lifecycle:
                         SlotRow.processor == processor, SlotRow.slot == slot,
                         SlotRow.run_id == run_id, SlotRow.attempt == attempt))
                 return Claim(ClaimStatus.GONE)
-            session.add(AttemptRow(run_id=run_id, number=attempt, worker_id=worker_id,
-                                   host_id=host_id or None, status=R.value, started_at=now))
+            connection.execute(_NEW_ATTEMPT, params)
         # What the UPDATE wrote, without reading the row back.
         claimed = replace(known, status=R, attempt=attempt, worker_id=worker_id,
                           started_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds),
@@ -256,49 +356,28 @@ class Lifecycle:
         """Renew the attempt's lease; tells whether it is still ours and if cancel came."""
         now = utcnow()
         with self.store.session() as session:
-            changed = rows_changed(session, update(RunRow).where(
-                RunRow.id == run_id, RunRow.attempt == attempt, RunRow.status == R.value,
-            ).values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-              .execution_options(synchronize_session=False))
-            if changed != 1:
-                return Heartbeat(owned=False, cancel_requested=False)
-            cancel = session.scalar(select(RunRow.cancel_requested_at)
-                                    .where(RunRow.id == run_id))
-            return Heartbeat(owned=True, cancel_requested=cancel is not None)
+            renewed = session.connection().execute(_RENEW, {
+                "p_run": run_id, "p_attempt": attempt,
+                "p_lease": now + timedelta(seconds=lease_seconds)}).first()
+        if renewed is None:
+            return Heartbeat(owned=False, cancel_requested=False)
+        return Heartbeat(owned=True, cancel_requested=renewed[0] is not None)
 
     def finish(self, run_id: str, attempt: int, outcome: Finish, *,
-               only_if_lease_expired: bool = False) -> bool:
-        """Record how attempt `attempt` ended; False (and nothing changed) if it lost the run."""
+               only_if_lease_expired: bool = False, tail: AttemptTail | None = None) -> bool:
+        """Record how attempt `attempt` ended; False (and nothing changed) if it lost the run.
+
+        `tail` (the worker's own end only) is written with the end, in its transaction.
+        A retry refused because a cancel arrived mid-attempt is written as `canceled`
+        instead: a cancel always wins over a retry.
+        """
         now = utcnow()
-        if outcome.status is Q:
-            with self.store.session() as session:
-                canceled = session.scalar(select(RunRow.cancel_requested_at)
-                                          .where(RunRow.id == run_id)) is not None
-            if canceled:  # a cancel that arrived mid-attempt wins over a retry
-                outcome = _canceled_instead(outcome)
-        conditions = [RunRow.id == run_id, RunRow.attempt == attempt,
-                      RunRow.status.in_(sources(outcome.status)), RunRow.status == R.value]
-        if outcome.status is Q:
-            # A cancel accepted after the read above must still win: the retry is only
-            # written while no cancel is pending, and otherwise the run ends canceled.
-            conditions.append(RunRow.cancel_requested_at.is_(None))
-        if only_if_lease_expired:
-            conditions.append(or_(RunRow.lease_expires_at.is_(None),
-                                  RunRow.lease_expires_at < now))
         terminal = outcome.status.terminal
-        values: dict[str, Any] = {
-            "status": outcome.status.value, "exit_code": outcome.exit_code,
-            "error_code": outcome.error_code, "error_message": outcome.error_message,
-            "error_stage": outcome.error_stage, "result": outcome.result,
-            "log_truncated": RunRow.log_truncated | outcome.log_truncated,
-            "lease_expires_at": None, "next_attempt_at": outcome.next_attempt_at,
-            "finished_at": now if terminal else None,
-            "log_bytes": captured_bytes(run_id).scalar_subquery(),
-        }
-        if not self._write_end(run_id, attempt, outcome, conditions, values, now):
+        if not self._write_end(run_id, attempt, outcome, now, tail,
+                               lease_expired=only_if_lease_expired):
             if outcome.status is Q and self._cancel_pending(run_id, attempt):
                 return self.finish(run_id, attempt, _canceled_instead(outcome),
-                                   only_if_lease_expired=only_if_lease_expired)
+                                   only_if_lease_expired=only_if_lease_expired, tail=tail)
             with self.store.session() as session:
                 self._refused(session, run_id, outcome.status, attempt=attempt)
             return False
@@ -332,32 +411,41 @@ class Lifecycle:
             ).values(next_attempt_at=due_at)
               .execution_options(synchronize_session=False)) == 1
 
-    def _write_end(self, run_id: str, attempt: int, outcome: Finish,
-                   conditions: list[Any], values: dict[str, Any], now: datetime) -> bool:
-        """The conditional write of an attempt's end, with its attempt row and slot."""
+    def _write_end(self, run_id: str, attempt: int, outcome: Finish, now: datetime,
+                   tail: AttemptTail | None, *, lease_expired: bool) -> bool:
+        """The conditional write of an attempt's end, with its attempt row, slot and
+        tail. The tail's chunk goes in after the fenced UPDATE has won (it holds the
+        run's row), so only an end that is written brings its output with it."""
+        tail = tail or AttemptTail()
+        params = {"p_run": run_id, "p_attempt": attempt, "p_now": now,
+                  "p_exit": outcome.exit_code, "p_error": outcome.error_code,
+                  "p_message": outcome.error_message, "p_stage": outcome.error_stage,
+                  "p_result": outcome.result, "p_truncated": outcome.log_truncated,
+                  "p_next": outcome.next_attempt_at,
+                  "p_finished": now if outcome.status.terminal else None,
+                  "p_tail_bytes": len(tail.log_data), "p_offset": tail.log_offset,
+                  "p_data": tail.log_data, "p_log_bytes": outcome.log_bytes,
+                  "p_status": (RunStatus.FAILED if outcome.status is Q
+                               else outcome.status).value,
+                  "p_container": tail.container_id, "p_image": tail.image_id,
+                  "p_provenance": tail.provenance}
         with self.store.session() as session:
-            if rows_changed(session, update(RunRow).where(*conditions).values(**values)
-                            .execution_options(synchronize_session=False)) != 1:
+            connection = session.connection()
+            won = connection.execute(_end_statement(outcome.status, lease_expired),
+                                     params).first()
+            if won is None:
                 return False
-            if outcome.status.terminal:
+            tenant, processor, webhook_url = won
+            if tail.log_data:
+                connection.execute(_TAIL_CHUNK, params)
+            if outcome.status.terminal and webhook_url is not None:
                 record_end(session, run_id, now)
-            session.execute(update(AttemptRow).where(
-                AttemptRow.run_id == run_id, AttemptRow.number == attempt,
-            ).values(status=RunStatus.FAILED.value if outcome.status is Q
-                     else outcome.status.value,
-                     exit_code=outcome.exit_code, error_code=outcome.error_code,
-                     error_message=outcome.error_message, error_stage=outcome.error_stage,
-                     log_bytes=outcome.log_bytes, finished_at=now))
+            connection.execute(_END_ATTEMPT, params)
             if outcome.artifacts:
-                tenant = session.scalar(select(RunRow.tenant).where(RunRow.id == run_id))
                 add_artifacts(session, run_id, attempt, tenant or "", outcome.artifacts)
-            freed = rows_changed(session, delete(SlotRow).where(SlotRow.run_id == run_id,
-                                                                SlotRow.attempt == attempt))
+            freed = connection.execute(_FREE_SLOT, params).rowcount
             if freed:
-                processor = session.scalar(select(RunRow.processor)
-                                           .where(RunRow.id == run_id))
-                if processor is not None:
-                    self._wake(session, processor, freed)
+                self._wake(session, processor, freed)
         return True
 
     def _cancel_pending(self, run_id: str, attempt: int) -> bool:
@@ -432,13 +520,7 @@ class Lifecycle:
     def due_queued(self, *, older_than: datetime, limit: int = 500) -> list[Run]:
         """Queued runs that should be in Redis by now: retries whose backoff is over,
         and first attempts older than `older_than` (lost on the way to Redis)."""
-        now = utcnow()
         with self.store.session() as session:
-            rows = session.scalars(select(RunRow).where(
-                RunRow.status == Q.value, RunRow.cancel_requested_at.is_(None),
-                RunRow.parked_at.is_(None),
-                or_(and_(RunRow.next_attempt_at.is_(None), RunRow.created_at < older_than),
-                    RunRow.next_attempt_at <= now),
-            ).order_by(RunRow.next_attempt_at.is_(None), RunRow.next_attempt_at,
-                       RunRow.id).limit(limit))
+            rows = session.scalars(_DUE, {"p_older": older_than, "p_now": utcnow(),
+                                          "p_limit": limit})
             return [run_from_row(r) for r in rows]

@@ -5,7 +5,9 @@
 `_run_claimed` starts the guard (lease, cancel) and turns crashes into the right
 ending; `_attempt` re-checks the allowlist at launch, builds the container spec and
 runs it; `classify` names how it ended; `_record` applies the retry policy and
-writes the end, fenced by the attempt number, riding out a database outage. Every
+writes the end, fenced by the attempt number, riding out a database outage, with
+what the attempt has not written yet (its last output and its container record: for
+a short run, all of it), so an attempt is three transactions: read, claim, end. Every
 read and write of the run goes through `RunLedger`; run-end notices and other
 listeners fire inside the ledger's finish, never from here.
 """
@@ -13,18 +15,15 @@ listeners fire inside the ledger's finish, never from here.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import time
-from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from opentelemetry import trace
 
-from runner.control.lifecycle import ClaimStatus
+from runner.control.lifecycle import AttemptTail, ClaimStatus
 from runner.control.retry import decide
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
 from runner.errors import SandboxError, ServiceUnavailableError
@@ -41,9 +40,18 @@ log = structlog.get_logger(__name__)
 RECORD_RETRY_SECONDS = 120  # how long a finished attempt waits out a database outage
 
 
+class TailLedger(RunLedger, Protocol):
+    """A `RunLedger` whose `finish` also writes the attempt's tail (its last output and
+    container record) in the end's transaction, as `runner.control.ledger.Ledger` does."""
+
+    def finish(self, run_id: str, attempt: int, outcome: Finish, *,
+               only_if_lease_expired: bool = False, tail: AttemptTail | None = None
+               ) -> bool: ...
+
+
 @dataclass
 class Executor:
-    ledger: RunLedger
+    ledger: TailLedger
     manifests: ManifestSource
     sandbox: SandboxPort
     worker_id: str
@@ -55,7 +63,6 @@ class Executor:
     metrics: WorkerMetrics | None = None
     files: FilesPort | None = None  # None: a run with files fails to launch
     host_id: str = ""  # RUNNER_HOST_ID: on the container's labels and the attempt
-    _record_pool: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
         if fence_after(self.lease_seconds, self.stop_grace_seconds) <= self.heartbeat_seconds:
@@ -148,7 +155,7 @@ class Executor:
             guard.stop()
             self._record(run, policy, stages, Finish(
                 RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="shutdown",
-                error_message="the worker shut down before the run finished"))
+                error_message="the worker shut down before the run finished"), guard)
             raise
         except ServiceUnavailableError as exc:
             # The database went away mid-attempt: the container is gone (the sandbox
@@ -157,23 +164,26 @@ class Executor:
             bound.warning("attempt_lost_database", error=exc.message)
             return self._record(run, policy, stages, Finish(
                 RunStatus.FAILED, error_code=ErrorCode.WORKER_LOST, error_stage="database",
-                error_message=f"the database was unavailable mid-attempt: {exc.message}"))
+                error_message=f"the database was unavailable mid-attempt: {exc.message}"),
+                guard)
         except Exception as exc:
             guard.stop()
             bound.exception("attempt_crashed")
             with contextlib.suppress(Exception):
                 self._record(run, RetryPolicy(), stages, Finish(
                     RunStatus.DEAD_LETTER, error_code=ErrorCode.INTERNAL_ERROR,
-                    error_stage="worker", error_message=f"internal error: {type(exc).__name__}"))
+                    error_stage="worker", error_message=f"internal error: {type(exc).__name__}"),
+                    guard)
             raise
         guard.stop()
         if guard.lost:
             # Fenced off (no renewal got through in time) or taken back: either way the
-            # run is no longer this attempt's to record; the reconciler ends it.
+            # run is no longer this attempt's to record (nor its unwritten output); the
+            # reconciler ends it.
             bound.warning("attempt_abandoned",
                           reason="self-fenced" if guard.fenced else "lease lost")
             return None
-        return self._record(run, policy, stages, finish)
+        return self._record(run, policy, stages, finish, guard)
 
     def _attempt(self, run: Run, processor: Processor | None, guard: AttemptGuard,
                  stages: AttemptStages, revision: str) -> Finish:
@@ -203,37 +213,28 @@ class Executor:
         def verified(found: dict[str, Any]) -> None:
             receipt.update(found, manifest_revision=revision)
 
-        pending: list[Future[None]] = []
-
         def started(container_id: str, image_id: str) -> None:
             guard.on_start(container_id)
-            # Written while the container runs, not before its wait begins.
-            pending.append(self._recorder().submit(
-                contextvars.copy_context().run, self._record_container, run,
-                container_id=container_id, image_id=image_id, provenance=receipt or None))
+            # Recorded by the writer's first flush while the container runs, or with the
+            # attempt's end if it ends sooner: never a write before the start.
+            writer.started(container_id=container_id, image_id=image_id,
+                           provenance=receipt or None)
 
         began = time.monotonic()
         try:
-            try:
-                outcome = self.sandbox.run(
-                    spec, on_log=writer.write, on_start=started, stages=stages,
-                    on_receipt=verified,
-                    artifacts=self.files.sink(run) if self.files is not None else None)
-            finally:
-                futures.wait(pending, timeout=RECORD_RETRY_SECONDS)
+            outcome = self.sandbox.run(
+                spec, on_log=writer.write, on_start=started, stages=stages,
+                on_receipt=verified,
+                artifacts=self.files.sink(run) if self.files is not None else None)
         except SandboxError as exc:
             if receipt.get("mismatches"):  # keep the evidence of a refused start
-                self._record_container(run, provenance=receipt)
-            with contextlib.suppress(ServiceUnavailableError):
-                writer.flush()
+                writer.started(provenance=receipt)
             log.warning("attempt_platform_failure", run_id=run.id, attempt=run.attempt,
                         error_code=exc.error_code, error=exc.message)
             return Finish(RunStatus.FAILED, error_code=exc.error_code,
                           error_stage=str(exc.context.get("stage", "sandbox")),
                           error_message=exc.message)
         self.fault("after_container_exit")
-        with contextlib.suppress(ServiceUnavailableError):
-            writer.flush()
         log.info("container_finished", run_id=run.id, attempt=run.attempt,
                  exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
                  timed_out=outcome.timed_out, log_bytes=outcome.log_bytes,
@@ -265,32 +266,20 @@ class Executor:
         return self.files.inputs(run)
 
     def close(self) -> None:
-        """Wait for container records still being written (at worker shutdown)."""
-        if self._record_pool is not None:
-            self._record_pool.shutdown(wait=True)
-            self._record_pool = None
-
-    def _recorder(self) -> ThreadPoolExecutor:
-        if self._record_pool is None:
-            self._record_pool = ThreadPoolExecutor(max_workers=1,
-                                                   thread_name_prefix="recorder")
-        return self._record_pool
-
-    def _record_container(self, run: Run, **found: Any) -> None:
-        try:
-            self.ledger.record_container(run.id, run.attempt, **found)
-        except ServiceUnavailableError as exc:  # provenance only; the run goes on
-            log.warning("record_container_failed", run_id=run.id, error=exc.message)
+        """Nothing to wait for at worker shutdown: an attempt writes everything it
+        holds with its end, before `execute` returns."""
 
     def _record(self, run: Run, policy: RetryPolicy, stages: AttemptStages,
-                 finish: Finish) -> RunStatus | None:
-        """Apply the retry policy and store the result, riding out a database outage;
-        `stages` holds the attempt's timings (the container's run time for metrics)."""
+                finish: Finish, guard: AttemptGuard) -> RunStatus | None:
+        """Apply the retry policy and store the result with what the attempt has not
+        written yet (its writer's tail), riding out a database outage; `stages` holds
+        the attempt's timings (the container's run time for metrics)."""
         decided = decide(finish, policy=policy, attempt=run.attempt, now=utcnow())
+        tail = guard.writer.take_tail() if guard.writer is not None else None
         deadline = time.monotonic() + RECORD_RETRY_SECONDS
         while True:
             try:
-                recorded = self.ledger.finish(run.id, run.attempt, decided)
+                recorded = self.ledger.finish(run.id, run.attempt, decided, tail=tail)
                 break
             except ServiceUnavailableError as exc:
                 if time.monotonic() > deadline:

@@ -11,9 +11,11 @@ import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
+from runner.control.lifecycle import AttemptTail
 from runner.domain import Run
 from runner.errors import SandboxError, ServiceUnavailableError
 from runner.execution.ports import RunLedger, SandboxPort
@@ -24,7 +26,11 @@ log = structlog.get_logger(__name__)
 class LogWriter:
     """Batches captured output into the store: bounded memory, live enough to follow.
 
-    A database hiccup keeps the batch (bounded by the log cap) for the next flush.
+    The first batch goes out one flush period after the container started, with the
+    attempt's container record (`started`): a run that ends sooner writes neither on
+    its own, both go with its end (`take_tail`, in the end's transaction). A database
+    hiccup keeps the batch (bounded by the log cap) and the record for the next flush,
+    or for the end.
     """
 
     FLUSH_BYTES = 64 * 1024
@@ -33,8 +39,16 @@ class LogWriter:
     def __init__(self, ledger: RunLedger, run_id: str, attempt: int, offset: int) -> None:
         self.ledger, self.run_id, self.attempt, self.offset = ledger, run_id, attempt, offset
         self._buffer = bytearray()
-        self._last = 0.0
+        self._last = time.monotonic()
+        self._record: dict[str, Any] | None = None  # the container record, until written
         self._lock = threading.Lock()
+
+    def started(self, **found: Any) -> None:
+        """The attempt's container record (container_id, image_id, provenance), kept to
+        go with the next flush; the flush period counts from here."""
+        with self._lock:
+            self._record = {**(self._record or {}), **found}
+            self._last = time.monotonic()
 
     def write(self, chunk: bytes) -> None:
         """Called by the log pump thread for each chunk of output."""
@@ -49,7 +63,8 @@ class LogWriter:
     def tick(self) -> None:
         """Called a few times a second, so a last line never waits for the next one."""
         with self._lock:
-            due = bool(self._buffer) and time.monotonic() - self._last >= self.FLUSH_SECONDS
+            due = ((bool(self._buffer) or self._record is not None)
+                   and time.monotonic() - self._last >= self.FLUSH_SECONDS)
         if due:
             with contextlib.suppress(ServiceUnavailableError):
                 self.flush()
@@ -57,12 +72,25 @@ class LogWriter:
     def flush(self) -> None:
         with self._lock:
             self._last = time.monotonic()
+            if self._record is not None:
+                self.ledger.record_container(self.run_id, self.attempt, **self._record)
+                self._record = None
             if not self._buffer:
                 return
             data = bytes(self._buffer)
             self.ledger.append_log(self.run_id, self.attempt, offset=self.offset, data=data)
             self._buffer = bytearray()
             self.offset += len(data)
+
+    def take_tail(self) -> AttemptTail:
+        """What is not written yet, for the attempt's end to write; after an in-flight
+        flush, and nothing is left behind for a later one."""
+        with self._lock:
+            record, self._record = self._record or {}, None
+            data, self._buffer = bytes(self._buffer), bytearray()
+            tail = AttemptTail(log_offset=self.offset, log_data=data, **record)
+            self.offset += len(data)
+            return tail
 
 
 # What self-fencing leaves between the container's SIGKILL and the lease's end: the

@@ -15,11 +15,13 @@ processor left under /run/out goes to the caller's `ArtifactSink` (`artifacts`).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +81,7 @@ class Sandbox:
         self._bound_problem: str | None = None  # "" once known to be fine
         self._engine_sees_run_fs = False  # proven on the first container
         self._remover = Remover() if config.remove_in_background else None
+        self._makers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="runfs")
         if self.api.base_url.startswith("http+docker:"):
             # A local socket: no proxy or .netrc can apply, and requests would look
             # them up in the environment on every call (about 2 ms of CPU per run).
@@ -216,9 +219,13 @@ class Sandbox:
             image_id, pulled = self.images.ensure(spec.image)
             info["cached"] = not pulled
         with observer.stage("create", container_name=spec.name) as info:
-            fs = (self.run_fs.create(spec.name, output_bytes=spec.output_bytes,
-                                     input_bytes=provenance.input_bytes(spec))
-                  if self.bounded else None)
+            # The /run filesystem is made beside the create call, not before it: the
+            # engine mounts the volume bound to it only at the first archive call or at
+            # the start, both after this stage, and the receipt checks what it mounted.
+            making = (self._makers.submit(self.run_fs.create, spec.name,
+                                          output_bytes=spec.output_bytes,
+                                          input_bytes=provenance.input_bytes(spec))
+                      if self.bounded else None)
             try:
                 try:
                     container_id = self._create(spec, image_id)
@@ -230,10 +237,24 @@ class Sandbox:
                     image_id, _ = self.images.ensure(spec.image)
                     container_id = self._create(spec, image_id)
             except BaseException:
-                self._release(fs)
+                self._abandon(making)
+                raise
+            try:
+                fs = making.result() if making is not None else None
+            except BaseException:
+                self._abandon(making)
+                with contextlib.suppress(SandboxError):  # else the reconciler's sweep
+                    self.remove(container_id)
                 raise
             info["container_id"] = container_id[:12]
         return fs, container_id, image_id
+
+    def _abandon(self, making: Future[RunFs] | None) -> None:
+        """Release a /run filesystem still being made once it is made (now, if it is)."""
+        if making is not None:
+            making.add_done_callback(
+                lambda done: self._release(done.result()) if not done.cancelled()
+                and done.exception() is None else None)
 
     def _verify_and_deliver(self, container_id: str, spec: ContainerSpec, image_id: str,
                             fs: RunFs | None,
