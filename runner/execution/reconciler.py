@@ -78,13 +78,20 @@ class Reconciler:
     files: FilesPort | None = None
     orphan_grace_seconds: float = 3600.0
     file_sweep_seconds: float = 300.0
+    # The deployment (RUNNER_INSTANCE_NAME or its default): its locks are its own, so
+    # deployments sharing a Redis server never skip each other's passes.
+    instance: str = ""
     _swept_at: float = field(default=float("-inf"), repr=False)
+
+    def _lock(self, key: str) -> str:
+        return f"{key}:{self.instance}" if self.instance else key
 
     def run_once(self) -> Report:
         """One pass; skipped when another process holds the reconciler lock."""
         token = f"{utcnow().timestamp()}"
         try:
-            if not self.queue.try_lock(LOCK_KEY, token, seconds=self.lock_seconds):
+            if not self.queue.try_lock(self._lock(LOCK_KEY), token,
+                                       seconds=self.lock_seconds):
                 return Report(skipped=True)
         except ServiceUnavailableError as exc:
             log.warning("reconcile_lock_unavailable", error=exc.message)
@@ -99,7 +106,7 @@ class Reconciler:
             self._sweep_files(report)
         finally:
             if token:
-                self.queue.unlock(LOCK_KEY, token)
+                self.queue.unlock(self._lock(LOCK_KEY), token)
         if report:
             log.info("reconciled", expired=report.expired, requeued=report.requeued,
                      removed_containers=report.removed_containers, pruned=report.pruned,
@@ -176,7 +183,7 @@ class Reconciler:
         """
         if exclusive:
             try:
-                if not self.queue.try_lock(REQUEUE_LOCK_KEY, "1",
+                if not self.queue.try_lock(self._lock(REQUEUE_LOCK_KEY), "1",
                                            seconds=REQUEUE_LOCK_SECONDS):
                     return []
             except RunnerError as exc:

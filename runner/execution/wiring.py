@@ -108,7 +108,8 @@ class WorkerServices:
                           lock_seconds=max(2.0, 2 * s.reconcile_interval_seconds),
                           retention_days=s.retention_days, files=self.files,
                           orphan_grace_seconds=s.file_orphan_grace_seconds,
-                          file_sweep_seconds=s.file_sweep_interval_seconds)
+                          file_sweep_seconds=s.file_sweep_interval_seconds,
+                          instance=s.instance)
 
     def close(self) -> None:
         self.store.close()
