@@ -38,6 +38,7 @@ LOCK_KEY = "runner:reconciler:lock"
 REQUEUE_LOCK_KEY = "runner:reconciler:requeue"
 REQUEUE_LOCK_SECONDS = 0.4
 FAST_PASS_DUE, FULL_PASS_DUE = 50, 500
+NO_FIRST_ATTEMPTS = datetime(1970, 1, 1, tzinfo=UTC)
 FOREIGN_RUN_PATIENCE_SECONDS = 300
 
 
@@ -174,12 +175,13 @@ class Reconciler:
                     ) -> list[str]:
         """Enqueue queued runs that are due but not in Redis: retries whose backoff is
         over, and first attempts lost on the way (after the grace period), up to
-        `limit` of them, retries first.
+        `limit` of them, retries first; their Redis jobs are checked in one round trip.
 
-        Workers run it every half second with `exclusive`: then one process at a time
-        (a short Redis lock) looks at FAST_PASS_DUE runs, whose Redis jobs are checked
-        in one round trip. With a deep queue, the oldest queued runs are each such a
-        candidate, so the cost of the pass must not grow with the workers or the backlog.
+        Workers run it every half second with `exclusive`: then one process of the
+        deployment at a time (a short Redis lock) looks at due retries only. A deep
+        queue makes every old first attempt a candidate, and checking them twice a
+        second would cost in proportion to the backlog; a lost first attempt waits
+        for the full pass instead (every RUNNER_RECONCILE_INTERVAL_SECONDS).
         """
         if exclusive:
             try:
@@ -189,7 +191,9 @@ class Reconciler:
             except RunnerError as exc:
                 log.warning("requeue_failed", error=exc.message)
                 return []
-        cutoff = utcnow() - timedelta(seconds=self.grace_seconds)
+        # `exclusive`: a cutoff no first attempt is older than, so only retries match.
+        cutoff = (NO_FIRST_ATTEMPTS if exclusive
+                  else utcnow() - timedelta(seconds=self.grace_seconds))
         requeued: list[str] = []
         due = self.ledger.due_queued(older_than=cutoff, limit=limit)
         try:

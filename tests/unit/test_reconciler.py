@@ -252,20 +252,23 @@ def test_a_run_the_queue_holds_is_not_enqueued(reconciler: Reconciler, queue: Fa
     assert queue.enqueued == [lost.id]
 
 
-def test_the_half_second_pass_runs_in_one_process_at_a_time_over_a_few_runs(
-        reconciler: Reconciler, queue: FakeQueue, new_run: NewRunMaker) -> None:
+def test_the_half_second_pass_runs_in_one_process_at_a_time_over_due_retries(
+        reconciler: Reconciler, queue: FakeQueue, store: Store,
+        new_run: NewRunMaker) -> None:
     """With a deep queue every old queued run is a candidate: the frequent pass looks
-    at a bounded number, and only while no other process is doing it."""
-    runs = [new_run() for _ in range(FAST_PASS_DUE + 5)]
+    only at due retries, and only while no other process of the deployment is doing
+    it; the full pass finds the lost first attempts."""
+    lost = [new_run() for _ in range(8)]
+    retries = [new_run() for _ in range(3)]
+    for run in retries:
+        set_run(store, run.id, next_attempt_at=past(1))
     queue.lock_holder = "another worker"
     assert reconciler.requeue_due(limit=FAST_PASS_DUE, exclusive=True) == []
     assert queue.enqueued == []
     queue.lock_holder = None
-    first = reconciler.requeue_due(limit=FAST_PASS_DUE, exclusive=True)
-    assert len(first) == FAST_PASS_DUE and set(first) <= {r.id for r in runs}
-    queue.lock_holder = None  # the short lock has expired; the full pass looks further
-    rest = reconciler.requeue_due()
-    assert sorted(first + rest) == sorted(r.id for r in runs)  # the held ones are skipped
+    assert sorted(reconciler.requeue_due(limit=FAST_PASS_DUE, exclusive=True)) == sorted(
+        r.id for r in retries)
+    assert sorted(reconciler.requeue_due()) == sorted(r.id for r in lost)
 
 
 def test_only_runs_past_the_grace_or_their_backoff_are_due(
