@@ -20,6 +20,7 @@ RUNNER_FAIR_DEQUEUE=off) takes its turn like one more tenant.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.exceptions import DequeueTimeout
 from rq.job import Job
@@ -41,6 +43,7 @@ LEGACY = ""  # the pseudo-tenant of the queue's own RQ list
 # took the bell that announced them.
 LOOK_AGAIN_SECONDS = 5
 BELL_TOKENS_KEPT = 8
+TURN_SECONDS = 3600  # a shared turn nobody has moved for an hour is forgotten
 
 # Push job ids (ARGV[4..]) onto a lane, in order (at its front, still in order, for
 # retries); a lane's first push names it in the set and rings the bell.
@@ -93,11 +96,20 @@ def _text(value: bytes | str) -> str:
 def lane_members(redis: Redis, queues: Sequence[str]) -> dict[str, dict[str, set[Priority]]]:
     """Per queue, each tenant that has a lane and the priorities of its lanes (one
     round trip)."""
+    return _lanes_and(redis, queues, None)[0]
+
+
+def _lanes_and(redis: Redis, queues: Sequence[str], key: str | None
+               ) -> tuple[dict[str, dict[str, set[Priority]]], Any]:
+    """`lane_members`, and the value of `key` (None without one), in one round trip."""
     pipe = redis.pipeline(transaction=False)
     for name in queues:
         pipe.smembers(lanes_key(name))
+    if key is not None:
+        pipe.get(key)
+    answers = pipe.execute()
     found: dict[str, dict[str, set[Priority]]] = {}
-    for name, members in zip(queues, pipe.execute(), strict=True):
+    for name, members in zip(queues, answers[:len(queues)], strict=True):
         tenants: dict[str, set[Priority]] = {}
         for member in members:
             priority, _, tenant = _text(member).partition(":")
@@ -106,7 +118,7 @@ def lane_members(redis: Redis, queues: Sequence[str]) -> dict[str, dict[str, set
             except ValueError:  # not written by this code: leave it alone
                 continue
         found[name] = tenants
-    return found
+    return found, answers[len(queues)] if key is not None else None
 
 
 def queue_depths(redis: Redis, queues: Sequence[str]) -> dict[str, int]:
@@ -128,12 +140,29 @@ def queue_depths(redis: Redis, queues: Sequence[str]) -> dict[str, int]:
 
 
 class TenantTurns:
-    """One worker's turn-taking among tenants (weights: runs per turn; default 1)."""
+    """Turn-taking among tenants (weights: runs per turn; default 1).
+
+    The turn is shared by the workers that serve the same queues: it is kept in Redis
+    (`turn_key`, read with the lanes, written after each dequeue), so when one worker
+    serves a tenant the others pass it by too, and a tenant that has just queued a run
+    waits for the next worker to get free, not for a particular one.
+    """
 
     def __init__(self, weights: Mapping[str, int] | None = None) -> None:
         self.weights = dict(weights or {})
         self.current: str | None = None
         self.used = 0
+
+    def state(self) -> str:
+        """The turn as stored: "<used> <tenant>"."""
+        return f"{self.used} {self.current}" if self.current is not None else ""
+
+    def load(self, stored: bytes | str | None) -> None:
+        """Take the turn stored by the last worker that dequeued (kept if unreadable)."""
+        text = _text(stored) if stored else ""
+        used, _, tenant = text.partition(" ")
+        if used.isdigit() and tenant:
+            self.current, self.used = tenant, int(used)
 
     def order(self, tenants: Iterable[str]) -> list[str]:
         """The tenants in the order this worker serves them next."""
@@ -201,14 +230,24 @@ class LaneQueue(Queue):
             if fetched is None:  # the job is gone (expired, deleted): the next one
                 continue
             turns.served(tenant)
+            with contextlib.suppress(RedisError):  # the turn is a hint: never lose a job
+                connection.set(turn_key([q.name for q in queues]), turns.state(),
+                               ex=TURN_SECONDS)
             return fetched
+
+
+def turn_key(queues: Sequence[str]) -> str:
+    """Where the workers of one set of queues keep their shared turn."""
+    return "runner:turn:" + ",".join(sorted(queues))
 
 
 def _wait_order(connection: Redis, queues: list[Queue], turns: TenantTurns,
                 ) -> tuple[list[str], dict[str, tuple[Queue, str]]]:
     """The keys to wait on, in order (each queue's lanes by turn and priority, its RQ
     list as one more tenant, then the bells), and which queue and tenant owns each."""
-    members = lane_members(connection, [q.name for q in queues])
+    names = [q.name for q in queues]
+    members, stored = _lanes_and(connection, names, turn_key(names))
+    turns.load(stored)
     keys: list[str] = []
     owners: dict[str, tuple[Queue, str]] = {}
     for queue in queues:

@@ -38,3 +38,21 @@ def test_a_weight_is_runs_per_turn() -> None:
 def test_a_tenant_whose_lanes_are_empty_passes_its_turn_on() -> None:
     turns = TenantTurns({"a": 5})
     assert served(turns, {"a": 1, "b": 3}, 4) == ["a", "b", "b", "b"]
+
+
+def test_workers_share_the_turn_through_its_stored_state() -> None:
+    """Two workers: what one served, the other passes by (the state goes through Redis
+    as `state()`, read back with `load`)."""
+    first, second, stored = TenantTurns(), TenantTurns(), ""
+    backlog = {"a": 100, "b": 100}
+    order = []
+    for worker in (first, second, first, second):
+        worker.load(stored)
+        tenant = next(t for t in worker.order(backlog) if backlog[t] > 0)
+        worker.served(tenant)
+        stored = worker.state()
+        order.append(tenant)
+    assert order == ["a", "b", "a", "b"]
+    fresh = TenantTurns()
+    fresh.load("not a turn")  # unreadable: ignored
+    assert fresh.current is None
