@@ -16,7 +16,22 @@ if TYPE_CHECKING:  # the client (and httpx) load only when a command talks to th
 MIN_BYTES = 1024 * 1024
 
 
-class Transfers:
+class _Bars:
+    """What both kinds of bars share: a rich Progress made on demand, stopped on exit."""
+
+    _bars: Any = None
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+            self._bars = None
+
+
+class Transfers(_Bars):
     """`with Transfers() as bars: client.upload_file(p, progress=bars.track("up p"))`.
 
     A bar appears on a transfer's first report of a known total of at least
@@ -52,14 +67,8 @@ class Transfers:
     def __enter__(self) -> Transfers:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self._bars is not None:
-            self._bars.stop()
-            self._bars = None
 
-
-class Batch:
+class Batch(_Bars):
     """`with Batch("submit") as bar: client.submit_many(items, on_progress=bar.update)`:
     one bar of items done on stderr, from the first report on (rich loads only then)."""
 
@@ -81,12 +90,6 @@ class Batch:
 
     def __enter__(self) -> Batch:
         return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self._bars is not None:
-            self._bars.stop()
-            self._bars = None
 
 
 def _started_bars(*counts: Any) -> Any:

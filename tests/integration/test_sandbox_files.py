@@ -8,7 +8,6 @@ image id, so no registry is involved); what it should do is the input's "mode".
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -37,6 +36,7 @@ from runner.sandbox import (
 )
 from runner.sandbox.transfer import VolumeTransfer
 from tests.integration.conftest import SESSION
+from tests.support.shellimage import shell_processor
 
 KiB, MiB = 1024, 1024 * 1024
 BOUND = 256 * KiB  # output_bytes of every case but the copy
@@ -117,14 +117,9 @@ class MemorySink:
 def image(tmp_path_factory: pytest.TempPathFactory,
           docker_client: docker.DockerClient) -> Iterator[str]:
     """The test processor's local image id (removed after the module)."""
-    path = tmp_path_factory.mktemp("files-processor")
-    (path / "main.sh").write_text(MAIN)
-    (path / "Dockerfile").write_text("FROM runner-base/busybox:local\nCOPY main.sh /app/\n"
-                                     'USER 65532:65532\nENTRYPOINT ["/bin/sh", "/app/main.sh"]\n')
-    built, _ = docker_client.images.build(path=str(path), rm=True, pull=False)
-    yield built.id
-    with contextlib.suppress(docker.errors.APIError):
-        docker_client.images.remove(built.id, force=True)
+    with shell_processor(tmp_path_factory.mktemp("files-processor"), MAIN,
+                         docker_client) as built:
+        yield built
 
 
 @pytest.fixture(scope="module")

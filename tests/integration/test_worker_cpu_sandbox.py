@@ -5,10 +5,8 @@ engine mounts and is gone with the container."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import docker
 import docker.errors
@@ -16,6 +14,7 @@ import pytest
 
 from runner.sandbox import RUN_LABEL, WORKER_LABEL, ContainerSpec, Sandbox, SandboxConfig
 from tests.integration.conftest import SESSION
+from tests.support.shellimage import shell_processor
 
 MiB = 1024 * 1024
 CLIENT_TIMEOUT = 2  # seconds: the processor stays silent for longer
@@ -31,14 +30,9 @@ mkdir -p /run/out && echo '{"quiet": true}' > /run/out/result.json
 def image(tmp_path_factory: pytest.TempPathFactory,
           docker_client: docker.DockerClient) -> Iterator[str]:
     """A processor that prints, stays silent past the client timeout, prints again."""
-    path: Path = tmp_path_factory.mktemp("quiet-processor")
-    (path / "main.sh").write_text(MAIN)
-    (path / "Dockerfile").write_text("FROM runner-base/busybox:local\nCOPY main.sh /app/\n"
-                                     'USER 65532:65532\nENTRYPOINT ["/bin/sh", "/app/main.sh"]\n')
-    built, _ = docker_client.images.build(path=str(path), rm=True, pull=False)
-    yield built.id
-    with contextlib.suppress(docker.errors.APIError):
-        docker_client.images.remove(built.id, force=True)
+    with shell_processor(tmp_path_factory.mktemp("quiet-processor"), MAIN,
+                         docker_client) as built:
+        yield built
 
 
 def test_output_after_a_silence_longer_than_the_client_timeout_is_captured(
