@@ -78,6 +78,9 @@ class Ledger:
     def due_queued(self, *, older_than: datetime, limit: int = 500) -> list[Run]:
         return self.lifecycle.due_queued(older_than=older_than, limit=limit)
 
+    def due_queued_keys(self, *, older_than: datetime, limit: int) -> list[tuple[str, int]]:
+        return self.lifecycle.due_queued_keys(older_than=older_than, limit=limit)
+
     def release_stale_slots(self) -> int:
         return self.lifecycle.release_stale_slots()
 

@@ -124,6 +124,9 @@ _DUE = select(RunRow).where(
            RunRow.id).limit(bindparam("p_limit"))
 
 
+_DUE_KEYS = _DUE.with_only_columns(RunRow.id, RunRow.attempt)
+
+
 @functools.cache
 def _end_statement(target: RunStatus, lease_expired: bool) -> Update:
     """The fenced UPDATE of an attempt's end as `target` (one per target and fence):
@@ -516,6 +519,14 @@ class Lifecycle:
                 RunRow.status == R.value,
                 or_(RunRow.lease_expires_at.is_(None), RunRow.lease_expires_at < now)))
             return [run_from_row(r) for r in rows]
+
+    def due_queued_keys(self, *, older_than: datetime, limit: int) -> list[tuple[str, int]]:
+        """`due_queued`'s runs as (id, attempt) only, in the same order: cheap enough to
+        go through a whole backlog of them."""
+        with self.store.session() as session:
+            rows = session.execute(_DUE_KEYS, {"p_older": older_than, "p_now": utcnow(),
+                                               "p_limit": limit})
+            return [(run_id, attempt) for run_id, attempt in rows]
 
     def due_queued(self, *, older_than: datetime, limit: int = 500) -> list[Run]:
         """Queued runs that should be in Redis by now: retries whose backoff is over,

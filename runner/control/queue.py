@@ -232,19 +232,29 @@ class RunQueue:
         Raises:
             ServiceUnavailableError: Redis cannot be reached.
         """
-        if not runs:
-            return set()
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            for run in runs:
-                pipe.hmget(Job.key_for(job_id(run.id, run.attempt + 1)),
-                           ["status", "started_at"])
-            found = pipe.execute()
-        except RedisError as exc:
-            raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
+        return self.holding_keys([(run.id, run.attempt) for run in runs])
+
+    def holding_keys(self, keys: Sequence[tuple[str, int]]) -> set[str]:
+        """`holding` for (run id, attempt) pairs: one round trip per 1,000.
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached.
+        """
+        held: set[str] = set()
         now = datetime.now(UTC)
-        return {run.id for run, (status, started_at) in zip(runs, found, strict=True)
-                if _held(status, started_at, now)}
+        for start in range(0, len(keys), 1000):
+            part = keys[start:start + 1000]
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for run_id, attempt in part:
+                    pipe.hmget(Job.key_for(job_id(run_id, attempt + 1)),
+                               ["status", "started_at"])
+                found = pipe.execute()
+            except RedisError as exc:
+                raise ServiceUnavailableError(f"queue unavailable: {exc}") from exc
+            held.update(run_id for (run_id, _), (status, started_at)
+                        in zip(part, found, strict=True) if _held(status, started_at, now))
+        return held
 
     def try_lock(self, name: str, token: str, *, seconds: float) -> bool:
         """Take the short named lock `name` for `token`; False if another holds it.

@@ -39,6 +39,7 @@ REQUEUE_LOCK_KEY = "runner:reconciler:requeue"
 REQUEUE_LOCK_SECONDS = 0.4
 FAST_PASS_DUE, FULL_PASS_DUE = 50, 500
 NO_FIRST_ATTEMPTS = datetime(1970, 1, 1, tzinfo=UTC)
+FULL_SCAN_MAX = 100_000  # due queued runs one full pass looks through at most
 FOREIGN_RUN_PATIENCE_SECONDS = 300
 
 
@@ -191,12 +192,12 @@ class Reconciler:
             except RunnerError as exc:
                 log.warning("requeue_failed", error=exc.message)
                 return []
-        # `exclusive`: a cutoff no first attempt is older than, so only retries match.
-        cutoff = (NO_FIRST_ATTEMPTS if exclusive
-                  else utcnow() - timedelta(seconds=self.grace_seconds))
         requeued: list[str] = []
-        due = self.ledger.due_queued(older_than=cutoff, limit=limit)
         try:
+            if exclusive:  # a cutoff no first attempt is older than: retries only
+                due = self.ledger.due_queued(older_than=NO_FIRST_ATTEMPTS, limit=limit)
+            else:
+                due = self._missing(utcnow() - timedelta(seconds=self.grace_seconds), limit)
             held = self.queue.holding(due)
         except RunnerError as exc:
             log.warning("requeue_failed", error=exc.message)
@@ -211,6 +212,23 @@ class Reconciler:
                 break
             requeued.append(run.id)
         return requeued
+
+    def _missing(self, cutoff: datetime, limit: int) -> list[Run]:
+        """Up to `limit` due runs that Redis does not hold, from the whole backlog of due
+        queued runs (up to FULL_SCAN_MAX), scanned by id and attempt only: behind a deep
+        queue, a lost run newer than the oldest few hundred must still be found."""
+        keys = self.ledger.due_queued_keys(older_than=cutoff, limit=FULL_SCAN_MAX)
+        held = self.queue.holding_keys(keys)
+        found = []
+        for run_id, attempt in keys:
+            if run_id in held:
+                continue
+            run = self.ledger.get_run(run_id)
+            if run is not None and run.status is RunStatus.QUEUED and run.attempt == attempt:
+                found.append(run)
+                if len(found) >= limit:
+                    break
+        return found
 
     def _requeue(self, report: Report) -> None:
         report.requeued += self.requeue_due()

@@ -307,6 +307,11 @@ class FakeQueue:
     def holding(self, runs: Sequence[Run]) -> set[str]:
         return {run.id for run in runs if self.holds(run)}
 
+    def holding_keys(self, keys: Sequence[tuple[str, int]]) -> set[str]:
+        self._check()
+        with self._lock:
+            return {run_id for run_id, attempt in keys if (run_id, attempt + 1) in self.jobs}
+
     def enqueue_once(self, run: Run, *, stop_grace_seconds: float = 5.0,
                      window_seconds: float = 10.0) -> bool:
         self._check()

@@ -16,7 +16,7 @@ from runner.control.lifecycle import ClaimStatus, Lifecycle
 from runner.control.store import Store
 from runner.domain import ErrorCode, Finish, Run, RunStatus, utcnow
 from runner.errors import DockerUnavailableError
-from runner.execution.reconciler import FAST_PASS_DUE, Reconciler
+from runner.execution.reconciler import FAST_PASS_DUE, FULL_PASS_DUE, Reconciler
 from runner.manifest import ManifestSource
 from tests.support.fakes import FakeQueue, FakeSandbox
 from tests.unit.conftest import ManifestMaker, NewRunMaker, past, set_run
@@ -269,6 +269,16 @@ def test_the_half_second_pass_runs_in_one_process_at_a_time_over_due_retries(
     assert sorted(reconciler.requeue_due(limit=FAST_PASS_DUE, exclusive=True)) == sorted(
         r.id for r in retries)
     assert sorted(reconciler.requeue_due()) == sorted(r.id for r in lost)
+
+
+def test_a_lost_run_behind_a_deep_held_backlog_is_found(
+        reconciler: Reconciler, queue: FakeQueue, new_run: NewRunMaker) -> None:
+    """The oldest queued runs are all candidates and all still in Redis: the full pass
+    looks past them (by id and attempt only) to the one Redis lost."""
+    for _ in range(FULL_PASS_DUE + 20):
+        queue.hold(new_run())
+    lost = new_run()
+    assert reconciler.requeue_due() == [lost.id]
 
 
 def test_only_runs_past_the_grace_or_their_backoff_are_due(
