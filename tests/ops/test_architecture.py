@@ -72,7 +72,7 @@ def test_every_named_function_exists_where_the_doc_says() -> None:
             source = (root / path).read_text()
             for name in re.findall(r"`([\w.]+)`", names):
                 last = name.split(".")[-1]
-                assert re.search(rf"^\s*(def|class) {last}\b", source, re.M), (
+                assert re.search(rf"^\s*(async def|def|class) {last}\b", source, re.M), (
                     f"{path} has no {name}")
                 checked += 1
     assert checked >= 20
