@@ -85,11 +85,7 @@ def authenticate(svc: Services, token: str, address: str, *, role: Role,
     limits = [Limit(f"key:{key.id}", settings.key_requests_per_second, 1,
                     "requests for this API key")]
     if submission and who.allows(role):
-        # The name, window and wording of `Services.count_submission` (api/deps.py),
-        # which the dashboard's submissions and the batch endpoint count on.
-        limits.append(Limit(f"tenant-submissions:{key.tenant}",
-                            settings.tenant_submissions_per_minute, 60,
-                            f"submissions for tenant {key.tenant}"))
+        limits.append(svc.submission_limit(key.tenant))
     svc.limiter.admit(limits, block=block, block_what=blocked_what)
     who.require(role)
     return who

@@ -15,7 +15,7 @@ from runner.control.keys import Keys
 from runner.control.lifecycle import Lifecycle
 from runner.control.notify import EndWatcher, RunEndNotice
 from runner.control.queue import RunQueue
-from runner.control.ratelimit import RateLimiter
+from runner.control.ratelimit import Limit, RateLimiter
 from runner.control.store import Store, is_run_id
 from runner.control.webhooks import WebhookRules
 from runner.domain import Run
@@ -51,19 +51,26 @@ class Services:
 
     FOLLOW_RETRY_SECONDS = 5
 
+    def submission_limit(self, tenant: str) -> Limit:
+        """The tenant's submissions per minute: one counter for the API's single POSTs
+        (counted with the key, `api.auth`), its batches' items, replays and the
+        dashboard's submissions."""
+        return Limit(f"tenant-submissions:{tenant}",
+                     self.settings.tenant_submissions_per_minute, 60,
+                     f"submissions for tenant {tenant}")
+
     def count_submission(self, tenant: str) -> None:
-        """Raises: RateLimitedError past the tenant's submissions per minute (the API's
-        and the dashboard's submissions and replays share the counter)."""
-        self.limiter.hit(f"tenant-submissions:{tenant}",
-                         limit=self.settings.tenant_submissions_per_minute, window_seconds=60,
-                         what=f"submissions for tenant {tenant}")
+        """Raises: RateLimitedError past the tenant's submissions per minute."""
+        limit = self.submission_limit(tenant)
+        self.limiter.hit(limit.name, limit=limit.limit, window_seconds=limit.window_seconds,
+                         what=limit.what)
 
     def admit_submissions(self, tenant: str, count: int) -> int:
         """How many of `count` submissions (a batch's items) the tenant's submissions
         per minute still allow now; those are counted, the rest are not."""
-        return self.limiter.take(f"tenant-submissions:{tenant}", count,
-                                 limit=self.settings.tenant_submissions_per_minute,
-                                 window_seconds=60)
+        limit = self.submission_limit(tenant)
+        return self.limiter.take(limit.name, count, limit=limit.limit,
+                                 window_seconds=limit.window_seconds)
 
     def submit_options(self) -> dict[str, Any]:
         """The settings and rules every new run (submitted or replayed, by the API or

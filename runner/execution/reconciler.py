@@ -196,16 +196,18 @@ class Reconciler:
         try:
             if exclusive:  # a cutoff no first attempt is older than: retries only
                 due = self.ledger.due_queued(older_than=NO_FIRST_ATTEMPTS, limit=limit)
+                held = self.queue.holding(due)
+                missing = [run for run in due if run.id not in held]
             else:
-                due = self._missing(utcnow() - timedelta(seconds=self.grace_seconds), limit)
-            held = self.queue.holding(due)
+                missing = self._missing(utcnow() - timedelta(seconds=self.grace_seconds),
+                                        limit)
         except RunnerError as exc:
             log.warning("requeue_failed", error=exc.message)
             return requeued
-        for run in due:
+        for run in missing:
             try:
-                if run.id in held or not self.queue.enqueue_once(
-                        run, stop_grace_seconds=self.stop_grace_seconds):
+                if not self.queue.enqueue_once(run,
+                                               stop_grace_seconds=self.stop_grace_seconds):
                     continue
             except RunnerError as exc:
                 log.warning("requeue_failed", run_id=run.id, error=exc.message)
